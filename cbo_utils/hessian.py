@@ -1,0 +1,308 @@
+"""Per-sample gate gradients A, the gradient g, the empirical Fisher H and the exact gate Hessian.
+
+For calibration sample s with loss L_s (mean next-token cross-entropy over its counted tokens),
+
+    A[s, i] = ∂L_s/∂α_i  at α = 1        (m × N)
+    g       = (1/m) Σ_s A[s, :]           (∂L/∂α of the mean loss)
+    H       = AᵀA / m                     (empirical Fisher, the paper's Hessian surrogate; float64)
+    H_exact = (1/|S|) Σ_{s∈S} ∂²L_s/∂α²  (optional, on a subset S)
+
+Gradients flow only into the gates (weights frozen, no weight gradients allocated). One sample per step by
+default, as in the paper; ``batch_size > 1`` gives every sample its own gates in a (B, N) tensor so one backward
+pass still yields per-sample rows.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .artifacts import provenance, read_json, sidecar_path, write_sidecar
+from .blocks import Gates, block_types, get_adapter
+from .calibration import CalibrationSet
+from .models import model_device
+
+GRADIENTS_FILE = "gradients.safetensors"
+
+
+@dataclass
+class GradientResult:
+    A: torch.Tensor  # (m, N) float64: per-sample gate gradients
+    g: torch.Tensor  # (N,) float64
+    H: torch.Tensor  # (N, N) float64 empirical Fisher
+    H_exact: torch.Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def N(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def m(self) -> int:
+        return self.A.shape[0]
+
+    @classmethod
+    def from_A(cls, A: torch.Tensor, H_exact=None, meta=None) -> GradientResult:
+        A = torch.as_tensor(A).to(torch.float64)
+        _check_matrix(A, "gradient matrix A")
+        return cls(A=A, g=A.mean(0), H=fisher_from_gradients(A), H_exact=H_exact, meta=dict(meta or {}))
+
+    def save(self, out_dir, record: dict | None = None) -> Path:
+        """``out_dir/gradients.safetensors`` (arrays A, g, H[, H_exact]) + its JSON provenance sidecar."""
+        from safetensors.torch import save as st_save
+
+        from .artifacts import atomic_write_bytes
+
+        out = Path(out_dir) / GRADIENTS_FILE if not str(out_dir).endswith(".safetensors") else Path(out_dir)
+        tensors = {"A": self.A.contiguous(), "g": self.g.contiguous(), "H": self.H.contiguous()}
+        if self.H_exact is not None:
+            tensors["H_exact"] = self.H_exact.contiguous()
+        atomic_write_bytes(out, st_save(tensors, metadata={"format": "cbo_utils.gradients/1"}))
+        write_sidecar(out, {**(record or {}), **self.meta})
+        return out
+
+
+def fisher_from_gradients(A: torch.Tensor) -> torch.Tensor:
+    A = A.to(torch.float64)
+    H = A.T @ A / A.shape[0]
+    return (H + H.T) / 2  # exactly symmetric
+
+
+def _check_matrix(A: torch.Tensor, what: str) -> None:
+    if A.dim() != 2:
+        raise ValueError(f"{what} must be 2-D (samples × blocks); got shape {tuple(A.shape)}")
+    if A.shape[0] < 1 or A.shape[1] < 2:
+        raise ValueError(f"{what} has shape {tuple(A.shape)}: need at least one sample and two blocks")
+    bad = ~torch.isfinite(A)
+    if bad.any():
+        rows = torch.nonzero(bad.any(1)).flatten()[:10].tolist()
+        raise ValueError(f"{what} has {int(bad.sum())} non-finite entries (first rows {rows}); recompute the "
+                         "gradients with float32 weights (bf16/fp16 can overflow) or drop those samples")
+
+
+def load_gradients(path) -> GradientResult:
+    """Load A, g, H (and H_exact) from a folder or ``.safetensors`` written by this package, or the authors'
+    published torch tensors (``.pt``: an m × N tensor, or a dict holding one), read with ``weights_only=True``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / GRADIENTS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no gradient file at {path}; run `cbo gradients` first or give the .safetensors/.pt "
+                                "file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        t = load_file(path)
+        if "A" not in t:
+            raise ValueError(f"{path} has no array named 'A' (found {sorted(t)})")
+        meta = read_json(sidecar_path(path)) if sidecar_path(path).exists() else {}
+        res = GradientResult.from_A(t["A"], H_exact=t.get("H_exact"), meta=meta)
+        return res
+    if path.suffix in (".pt", ".pth", ".bin"):
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        if isinstance(obj, dict):
+            cands = [obj[k] for k in ("A", "grads", "gradients", "grad_matrix") if k in obj] or [
+                v for v in obj.values() if isinstance(v, torch.Tensor) and v.dim() == 2]
+            if not cands:
+                raise ValueError(f"{path} holds a dict without a 2-D tensor (keys: {sorted(obj)})")
+            obj = cands[0]
+        if not isinstance(obj, torch.Tensor):
+            raise ValueError(f"{path} holds a {type(obj).__name__}, expected an m × N tensor of gate gradients")
+        return GradientResult.from_A(obj.float().double(), meta={"source": str(path), "foreign": True})
+    raise ValueError(f"unknown gradient file type {path.suffix!r}: use a folder, .safetensors or .pt")
+
+
+def sample_loss(model, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample mean next-token cross-entropy, shape (B,). Counts token t+1 when ``loss_mask[t+1]`` (and the
+    attention mask) is set; padding never counts."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    if logits.dtype != torch.float64:
+        logits = logits.float()  # the softmax in float32 at least (bf16/fp16 models)
+    target = input_ids[:, 1:]
+    count = torch.ones_like(target, dtype=torch.bool)
+    if loss_mask is not None:
+        count &= (loss_mask if loss_mask.dim() == 2 else loss_mask[None])[:, 1:].to(count.device)
+    if attention_mask is not None:
+        count &= attention_mask[:, 1:].bool()
+    nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    n = count.sum(1)
+    if (n == 0).any():
+        raise ValueError("a calibration sample has no counted tokens (empty response with response-only loss?)")
+    return (nll * count).sum(1) / n
+
+
+def _batches(indices: Sequence[int], batch_size: int):
+    for i in range(0, len(indices), batch_size):
+        yield indices[i:i + batch_size]
+
+
+def _collate(samples, idx, device, pad_id: int, response_only: bool):
+    lens = [samples[i]["input_ids"].numel() for i in idx]
+    T = max(lens)
+    ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+    att = torch.zeros((len(idx), T), dtype=torch.long)
+    msk = torch.zeros((len(idx), T), dtype=torch.bool)
+    for r, i in enumerate(idx):  # right padding: causal attention keeps real tokens unaffected
+        n = lens[r]
+        ids[r, :n] = samples[i]["input_ids"]
+        att[r, :n] = 1
+        msk[r, :n] = samples[i]["loss_mask"] if response_only else True
+    single = len(idx) == 1
+    return ids.to(device), (None if single else att.to(device)), msk.to(device)
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], *, batch_size: int = 1,
+                           response_only: bool = False, exact_hessian_samples: int | Sequence[int] = 0,
+                           gradient_checkpointing: bool = False, progress: bool = True, accelerator=None,
+                           pad_token_id: int | None = None) -> GradientResult:
+    """Collect A (m × N), g, the Fisher H and optionally the exact Hessian (see the module docstring).
+
+    ``exact_hessian_samples``: an int K (the first K samples) or explicit sample indices for ``H_exact``.
+    ``accelerator``: an ``accelerate.Accelerator``; with several processes each takes every world-th sample and
+    the rows are gathered back in calibration order (identical to one process).
+    """
+    from tqdm.auto import tqdm
+
+    samples = list(calibration)
+    if not samples:
+        raise ValueError("the calibration set is empty")
+    m = len(samples)
+    adapter = get_adapter(model)
+    N = len(adapter.layers(model))
+    dev = model_device(model)
+    pad = pad_token_id if pad_token_id is not None else (getattr(model.config, "pad_token_id", None) or 0)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    mine = list(range(rank, m, world))
+    was_training = model.training
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # HF only checkpoints in training mode; the supported models have no active dropout here
+    rows = torch.zeros((len(mine), N), dtype=torch.float64)
+    losses = torch.zeros(len(mine), dtype=torch.float64)
+    t0 = time.perf_counter()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    gates = Gates(model, adapter=adapter).attach()
+    try:
+        bar = tqdm(total=len(mine), desc="gate gradients", unit="sample", disable=not progress or rank != 0)
+        pos = 0
+        for idx in _batches(mine, batch_size):
+            ids, att, msk = _collate(samples, idx, dev, pad, response_only)
+            alpha = torch.ones((len(idx), N), dtype=torch.float32, requires_grad=True)
+            gates.alpha = alpha
+            loss = sample_loss(model, ids, msk, att)
+            (grad,) = torch.autograd.grad(loss.sum(), alpha)
+            rows[pos:pos + len(idx)] = grad.double().cpu()
+            losses[pos:pos + len(idx)] = loss.detach().double().cpu()
+            pos += len(idx)
+            bar.update(len(idx))
+        bar.close()
+        t_grad = time.perf_counter() - t0
+        H_exact, t_hess, hess_idx = None, 0.0, []
+        if exact_hessian_samples:
+            hess_idx = (list(range(min(int(exact_hessian_samples), m))) if isinstance(exact_hessian_samples, int)
+                        else list(exact_hessian_samples))
+            t1 = time.perf_counter()
+            H_exact = exact_gate_hessian(model, [samples[i] for i in hess_idx], gates=gates,
+                                         response_only=response_only, progress=progress and rank == 0)
+            t_hess = time.perf_counter() - t1
+    finally:
+        gates.detach()
+        if gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        model.train(was_training)
+
+    if world > 1:
+        rows, losses = _gather_rows(accelerator, rows, losses, m)
+    A = rows
+    meta = {
+        "samples": m, "blocks": N, "block_types": block_types(model), "tokens": int(sum(
+            s["input_ids"].numel() for s in samples)), "response_only": response_only, "batch_size": batch_size,
+        "gradient_checkpointing": gradient_checkpointing, "model_dtype": str(next(model.parameters()).dtype),
+        "gate_dtype": "float32", "accumulation_dtype": "float64", "device": str(dev), "processes": world,
+        "seconds_gradients": round(t_grad, 3), "seconds_per_sample": round(t_grad / max(len(mine), 1), 4),
+        "exact_hessian_samples": hess_idx, "seconds_exact_hessian": round(t_hess, 3),
+        "peak_rss_gb": round(_peak_rss_gb(), 3), "mean_loss": float(losses.mean()),
+        "sample_losses": [round(float(x), 6) for x in losses],
+    }
+    if dev.type == "cuda":
+        meta["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated(dev) / 1024**3, 3)
+    if isinstance(calibration, CalibrationSet):
+        meta["calibration"] = calibration.describe()
+    return GradientResult.from_A(A, H_exact=H_exact, meta=meta)
+
+
+def _gather_rows(accelerator, rows: torch.Tensor, losses: torch.Tensor, m: int):
+    """Rows of every process back in calibration order (process r holds samples r, r + world, ...)."""
+    world = accelerator.num_processes
+    per = math.ceil(m / world)
+    dev = accelerator.device
+    buf = torch.zeros((per, rows.shape[1] + 1), dtype=torch.float64, device=dev)
+    buf[: rows.shape[0], :-1] = rows.to(dev)
+    buf[: rows.shape[0], -1] = losses.to(dev)
+    allb = accelerator.gather(buf[None]).reshape(world, per, -1).cpu()  # (world, per, N+1)
+    out = torch.zeros((m, rows.shape[1] + 1), dtype=torch.float64)
+    for r in range(world):
+        idx = list(range(r, m, world))
+        out[idx] = allb[r, : len(idx)]
+    return out[:, :-1], out[:, -1]
+
+
+def exact_gate_hessian(model, samples: Sequence[dict], gates: Gates | None = None, response_only: bool = False,
+                       progress: bool = False) -> torch.Tensor:
+    """Exact ∂²L/∂α² of the mean loss over ``samples`` at α = 1 (N × N, float64), by N Hessian-vector products
+    (double backward) per sample."""
+    from tqdm.auto import tqdm
+
+    own = gates is None
+    gates = gates or Gates(model).attach()
+    dev = model_device(model)
+    N = gates.n
+    H = torch.zeros((N, N), dtype=torch.float64)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        # the math SDPA kernel is the one with a double backward (flash/efficient kernels have none)
+        with sdpa_kernel([SDPBackend.MATH]):
+            _hessian_rows(model, samples, gates, H, dev, response_only, tqdm, progress)
+    finally:
+        if own:
+            gates.detach()
+        else:
+            gates.reset()
+    H /= len(samples)
+    return (H + H.T) / 2
+
+
+def _hessian_rows(model, samples, gates, H, dev, response_only, tqdm, progress):
+    N = gates.n
+    for s in tqdm(samples, desc="exact Hessian", unit="sample", disable=not progress):
+        alpha = torch.ones(N, dtype=torch.float32, requires_grad=True)
+        gates.alpha = alpha
+        ids = s["input_ids"].to(dev)
+        msk = s["loss_mask"].to(dev) if response_only else None
+        loss = sample_loss(model, ids, msk)[0]
+        (grad,) = torch.autograd.grad(loss, alpha, create_graph=True)
+        for i in range(N):  # row i of the Hessian = ∂(∂L/∂α_i)/∂α
+            (row,) = torch.autograd.grad(grad[i], alpha, retain_graph=i < N - 1)
+            H[i] += row.double().cpu()
+
+
+def gradients_provenance(model_spec: str, calibration: CalibrationSet, seed: int, **params) -> dict:
+    return provenance("gate_gradients", {"model": model_spec, "seed": seed, **params},
+                      calibration=calibration.describe())

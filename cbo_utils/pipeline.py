@@ -1,0 +1,152 @@
+"""``make reproduce`` for the stages that exist so far: gradients → states → pruned, verified checkpoints.
+
+Each stage writes its artifact atomically and is skipped when the artifact already exists with the same
+parameters (an interrupted run resumes from the last complete artifact). The notebooks, the evaluation harness,
+retraining and the figures/tables are not built yet: the run says so at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .artifacts import read_json, sidecar_path, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+NOT_YET = [
+    "notebooks 01-05 and the papermill graph (issue 5)",
+    "lm-eval benchmarks, baselines and the comparison tables (issue 3)",
+    "knowledge-distillation retraining and the Nemotron stand-in (issue 4)",
+    "figures and the paper's tables (issue 5)",
+]
+EXACT_LIMIT = 5e9  # above this many states the pipeline uses tabu instead of enumeration
+
+
+def load_profile(name_or_path: str) -> dict:
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = ROOT / "configs" / f"{name_or_path}.yaml"
+    if not p.is_file():
+        raise FileNotFoundError(f"no profile {name_or_path!r} ({p}); choose tiny, mini or paper")
+    return yaml.safe_load(p.read_text())
+
+
+def _slug(model: str) -> str:
+    return model.replace("/", "__")
+
+
+def _m_values(cfg: dict, model: str) -> list[int]:
+    mv = cfg["M_values"]
+    return list(mv[model] if isinstance(mv, dict) else mv)
+
+
+def _check_reachable(model: str) -> None:
+    from .tiny import TINY_BUILDERS
+
+    if model in TINY_BUILDERS or model.startswith("smollm2") or Path(model).exists():
+        return
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(model)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the same thing to the user
+        sys.exit(f"cannot reach {model!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}\n"
+                 "The paper profile needs the Hugging Face Hub (and accepted licences for Llama) and GPUs. Log in "
+                 "with `huggingface-cli login`, or run PROFILE=mini (CPU, embedded SmolLM2) instead.")
+
+
+def run(profile: str, results: Path | None = None) -> list[Path]:
+    from .artifacts import provenance
+    from .calibration import load_calibration
+    from .export import export_pruned, verify_export
+    from .hessian import GRADIENTS_FILE, collect_gate_gradients, gradients_provenance, load_gradients
+    from .ising import BlockRemovalProblem
+    from .models import load_model
+    from .solvers import read_states_csv, solve, states_blocks, write_states_csv
+
+    cfg = load_profile(profile)
+    results = Path(results or ROOT / "results" / cfg["profile"])
+    produced: list[Path] = []
+    for model_name in cfg["models"]:
+        _check_reachable(model_name)
+    for model_name in cfg["models"]:
+        out = results / _slug(model_name)
+        grad_file = out / GRADIENTS_FILE
+        params = {k: cfg.get(k) for k in ("calibration", "samples", "max_tokens", "dtype", "exact_hessian_samples",
+                                          "seed")}
+        model = tok = None
+        t0 = time.perf_counter()
+        if grad_file.is_file() and read_json(sidecar_path(grad_file)).get("parameters", {}).get("stage") == params:
+            print(f"[{model_name}] gradients: up to date ({grad_file})")
+        else:
+            print(f"[{model_name}] gradients: {cfg['samples']} samples × {cfg['max_tokens']} tokens ...", flush=True)
+            model, tok = load_model(model_name, dtype=cfg["dtype"], device_map=cfg.get("device_map"))
+            calib = load_calibration(cfg["calibration"], tok, samples=cfg["samples"], max_tokens=cfg["max_tokens"])
+            res = collect_gate_gradients(model, calib, exact_hessian_samples=cfg.get("exact_hessian_samples") or 0)
+            res.save(out, gradients_provenance(model_name, calib, cfg["seed"], stage=params))
+            print(f"[{model_name}] gradients: {res.meta['seconds_gradients']:.1f} s, peak RSS "
+                  f"{res.meta['peak_rss_gb']:.2f} GB")
+        produced.append(grad_file)
+        res = load_gradients(grad_file)
+        for M in _m_values(cfg, model_name):
+            states = out / f"states_M{M}.csv"
+            solver = cfg["solver"]
+            if solver == "exact" and math.comb(res.N, M) > EXACT_LIMIT:
+                solver = "tabu"
+            if not (states.is_file() and states.stat().st_mtime >= grad_file.stat().st_mtime):
+                prob = BlockRemovalProblem.from_hessian(
+                    res.H.numpy(), M, g=res.g.numpy() if cfg["energy"] == "taylor" else None, energy=cfg["energy"])
+                t1 = time.perf_counter()
+                df = solve(prob, solver=solver, k=cfg["k"], seed=cfg["seed"], progress=False) if solver == "exact" \
+                    else solve(prob, solver=solver, k=cfg["k"], seed=cfg["seed"])
+                write_states_csv(df, states, provenance("states", {"M": M, "k": cfg["k"], "solver": solver,
+                                                                   "energy": cfg["energy"], "seed": cfg["seed"]},
+                                                        inputs={"hessian": grad_file},
+                                                        seconds=round(time.perf_counter() - t1, 4)))
+            print(f"[{model_name}] M={M}: states {states}")
+            produced.append(states)
+            pruned = out / f"pruned_M{M}_cbo0"
+            ver = pruned / "verification.json"
+            if ver.is_file() and read_json(ver).get("ok") and ver.stat().st_mtime >= states.stat().st_mtime:
+                print(f"[{model_name}] M={M}: pruned model verified earlier ({pruned})")
+                produced.append(pruned)
+                continue
+            if model is None:
+                model, tok = load_model(model_name, dtype=cfg["dtype"], device_map=cfg.get("device_map"))
+            df = read_states_csv(states)
+            remove = states_blocks(df)[0]
+            victim = copy.deepcopy(model)
+            export_pruned(victim, tok, remove, pruned, method=f"cbo:0 ({solver}, {cfg['energy']})",
+                          energy=float(df["energy"].iloc[0]), source=model_name, overwrite=True)
+            del victim
+            rep = verify_export(pruned, model, tok)
+            print(f"[{model_name}] M={M}: removed {' '.join(map(str, remove))} → {pruned} (verified: "
+                  f"{rep['ok']})")
+            produced.append(pruned)
+        print(f"[{model_name}] done in {time.perf_counter() - t0:.1f} s")
+    write_json(results / "reproduce_manifest.json", {"profile": cfg["profile"], "produced": [str(p) for p in produced],
+                                                      "not_yet_built": NOT_YET})
+    print("\nProduced:")
+    for p in produced:
+        print(f"  {p}")
+    print("\nNot built yet (their issues are open): " + "; ".join(NOT_YET))
+    return produced
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--profile", default="mini")
+    ap.add_argument("--results", default=None)
+    args = ap.parse_args(argv)
+    run(args.profile, Path(args.results) if args.results else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Gradient artifacts: round trips, foreign .pt files, refusal of pickles, validation."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from cbo_utils.artifacts import atomic_write_text, format_blocks, parse_blocks, sidecar_path
+from cbo_utils.hessian import GradientResult, load_gradients
+
+
+def test_safetensors_round_trip_with_sidecar(tmp_path):
+    A = torch.randn(9, 6, dtype=torch.float64)
+    res = GradientResult.from_A(A, H_exact=torch.eye(6, dtype=torch.float64), meta={"model": "x"})
+    path = res.save(tmp_path, {"parameters": {"seed": 3}})
+    back = load_gradients(tmp_path)
+    assert torch.equal(back.A, A) and torch.equal(back.H, res.H) and torch.equal(back.g, A.mean(0))
+    assert torch.equal(back.H_exact, torch.eye(6, dtype=torch.float64))
+    side = json.loads(sidecar_path(path).read_text())
+    assert side["model"] == "x" and side["parameters"]["seed"] == 3
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert set(f.keys()) == {"A", "g", "H", "H_exact"}
+
+
+def test_authors_pt_files_load(tmp_path):
+    A = torch.randn(2048, 32, dtype=torch.bfloat16)
+    torch.save(A, tmp_path / "grads.pt")
+    r = load_gradients(tmp_path / "grads.pt")
+    assert r.A.dtype == torch.float64 and r.A.shape == (2048, 32)
+    torch.testing.assert_close(r.H, r.A.T @ r.A / 2048)
+    torch.save({"grads": A[:, :8]}, tmp_path / "d.pt")
+    assert load_gradients(tmp_path / "d.pt").N == 8
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    p = tmp_path / "evil.pt"
+    with open(p, "wb") as fh:
+        pickle.dump({"A": Evil()}, fh)
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl|global"):
+        load_gradients(p)
+
+
+@pytest.mark.parametrize("A, words", [
+    (torch.randn(5), "2-D"),
+    (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), "non-finite"),
+    (torch.randn(4, 1), "two blocks"),
+])
+def test_bad_gradient_matrices_are_rejected(A, words):
+    with pytest.raises(ValueError, match=words):
+        GradientResult.from_A(A)
+
+
+def test_missing_file_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cbo gradients"):
+        load_gradients(tmp_path / "nope")
+
+
+def test_block_strings_and_atomic_write(tmp_path):
+    assert format_blocks([12, 3, 7]) == "3 7 12"
+    assert parse_blocks("3,7 12") == [3, 7, 12] and parse_blocks("24-26 1") == [1, 24, 25, 26]
+    with pytest.raises(ValueError, match="0-based"):
+        parse_blocks("a b")
+    atomic_write_text(tmp_path / "f.txt", "x")
+    assert (tmp_path / "f.txt").read_text() == "x" and not list(tmp_path.glob(".*tmp"))

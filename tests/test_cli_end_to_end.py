@@ -1,0 +1,91 @@
+"""The tiny profile end to end through the command line: calibration → A, g, H → states → pruned → verified."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from cbo_utils.cli import main
+from cbo_utils.hessian import load_gradients
+
+
+@pytest.mark.parametrize("name, M, extra", [
+    ("tiny-llama", 2, []),
+    ("tiny-qwen3", 2, ["--energy", "taylor", "--keep", "0,5"]),
+    ("tiny-nemotron-h", 3, ["--only-types", "moe"]),
+])
+def test_tiny_pipeline_through_cli(name, M, extra, tmp_path, capsys):
+    gdir = tmp_path / "grad"
+    assert main(["gradients", "--model", name, "--out", str(gdir), "--samples", "6", "--max-tokens", "48",
+                 "--exact-hessian", "1", "--quiet"]) == 0
+    res = load_gradients(gdir)
+    assert res.A.shape[0] == 6 and torch.isfinite(res.A).all() and res.H_exact is not None
+    side = json.loads((gdir / "gradients.safetensors.json").read_text())
+    assert side["parameters"]["model"] == name and side["calibration"]["sha256"]
+    assert side["samples"] == 6 and "versions" in side
+
+    states = tmp_path / "states.csv"
+    assert main(["solve", "--hessian", str(gdir), "-M", str(M), "-k", "5", "--out", str(states), *extra]) == 0
+    df = pd.read_csv(states)
+    assert list(df["rank"]) == list(range(len(df))) and df["energy"].is_monotonic_increasing
+    sets = [list(map(int, s.split())) for s in df["removed_blocks"]]
+    assert all(len(s) == M for s in sets)
+    if name == "tiny-qwen3":
+        assert all(0 not in s and 5 not in s for s in sets)
+    if name == "tiny-nemotron-h":
+        types = res.meta["block_types"]
+        assert all(types[b] == "moe" for s in sets for b in s)
+
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", name, "--states", str(states), "--rank", "0", "--out", str(out)]) == 0
+    rec = json.loads((out / "removed_blocks.json").read_text())
+    assert rec["removed_blocks"] == sets[0]
+    assert json.loads((out / "verification.json").read_text())["ok"]
+    assert main(["verify", str(out), "--original", name]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
+def _grad_dir(tmp_path, A):
+    from cbo_utils.hessian import GradientResult
+
+    GradientResult.from_A(A).save(tmp_path)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["solve", "--hessian", "{g}", "-M", "6", "--out", "{o}"], "no model"),
+    (["solve", "--hessian", "{missing}", "-M", "2", "--out", "{o}"], "no gradient file"),
+    (["solve", "--hessian", "{g}", "-M", "2", "--keep", "9", "--out", "{o}"], "outside 0..5"),
+    (["solve", "--hessian", "{g}", "-M", "2", "--hessian-kind", "exact", "--out", "{o}"], "no exact Hessian"),
+    (["prune", "--model", "tiny-llama", "--remove", "0-5", "--out", "{o}"], "leaves no model"),
+    (["prune", "--model", "tiny-llama", "--remove", "7", "--out", "{o}"], "out of range"),
+    (["verify", "{missing}", "--original", "tiny-llama"], "removed_blocks.json"),
+])
+def test_cli_errors_are_clear_and_nonzero(args, words, tmp_path, capsys):
+    g = _grad_dir(tmp_path / "g", torch.randn(8, 6, dtype=torch.float64))
+    fill = {"g": g, "o": str(tmp_path / "out.csv"), "missing": str(tmp_path / "missing")}
+    rc = main([a.format(**fill) for a in args])
+    err = capsys.readouterr().err
+    assert rc != 0 and words in err, err
+
+
+def test_nan_hessian_is_refused(tmp_path, capsys):
+    A = torch.randn(8, 6)
+    A[2, 3] = float("nan")
+    torch.save(A, tmp_path / "a.pt")
+    assert main(["solve", "--hessian", str(tmp_path / "a.pt"), "-M", "2", "--out", str(tmp_path / "s.csv")]) != 0
+    assert "non-finite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["blocks", "gradients", "solve", "prune", "verify"])
+def test_every_subcommand_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0 and "usage: cbo" in capsys.readouterr().out
+
+
+def test_blocks_listing(capsys):
+    assert main(["blocks", "--model", "tiny-nemotron-h"]) == 0
+    out = capsys.readouterr().out
+    assert "14 blocks" in out and "attention" in out and "moe" in out
