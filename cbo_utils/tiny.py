@@ -104,8 +104,10 @@ def pattern_to_types(pattern: str) -> list[str]:
                          "* (attention) or - (MLP)") from None
 
 
-def tiny_nemotron_h(pattern: str = TINY_NEMOTRON_PATTERN, hidden: int = 64, seed: int = 0, tokenizer=None):
-    """A randomly initialised NemotronHForCausalLM with the Nano structure in miniature (native layout)."""
+def tiny_nemotron_h(pattern: str = TINY_NEMOTRON_PATTERN, hidden: int = 64, seed: int = 0, tokenizer=None,
+                    experts_per_token: int = 2):
+    """A randomly initialised NemotronHForCausalLM with the Nano structure in miniature (native layout): 4 routed
+    experts, ``experts_per_token`` of them per token, plus a shared expert."""
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
     tok = tokenizer or build_tokenizer()
@@ -113,8 +115,8 @@ def tiny_nemotron_h(pattern: str = TINY_NEMOTRON_PATTERN, hidden: int = 64, seed
         vocab_size=len(tok), hidden_size=hidden, layers_block_type=pattern_to_types(pattern),
         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, intermediate_size=2 * hidden,
         mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16,
-        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=hidden,
-        moe_shared_expert_intermediate_size=hidden, max_position_embeddings=512, use_mamba_kernels=False,
+        n_routed_experts=4, num_experts_per_tok=experts_per_token, n_shared_experts=1, moe_intermediate_size=hidden,
+        moe_shared_expert_intermediate_size=hidden, max_position_embeddings=512,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
     )
