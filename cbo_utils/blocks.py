@@ -32,11 +32,11 @@ _PATTERN_LETTER = {MAMBA: "M", MOE: "E", ATTENTION: "*", MLP: "-"}
 
 
 class UnsupportedArchitectureError(ValueError):
-    pass
+    """No registered adapter handles this model (the message says how to register one)."""
 
 
 class RemovalError(ValueError):
-    pass
+    """A removal that cannot work (the message says what to change)."""
 
 
 # --------------------------------------------------------------------------------------------------- adapters
@@ -212,10 +212,12 @@ def describe_blocks(model: nn.Module) -> list[BlockInfo]:
 
 
 def num_blocks(model: nn.Module) -> int:
+    """Number of blocks N of ``model``."""
     return len(get_adapter(model).layers(model))
 
 
 def block_types(model: nn.Module) -> list[str]:
+    """Type of each block: ``decoder`` (attention + MLP) or, for hybrids, ``mamba``/``moe``/``attention``/``mlp``."""
     return get_adapter(model).block_types(model)
 
 

@@ -84,7 +84,8 @@ def cmd_gradients(args) -> int:
     print(f"calibration: {len(calib)} samples, {calib.tokens} tokens ({calib.recipe.get('source')})", file=sys.stderr)
     res = collect_gate_gradients(model, calib, batch_size=args.batch_size, response_only=args.response_only,
                                  exact_hessian_samples=args.exact_hessian,
-                                 gradient_checkpointing=args.gradient_checkpointing, progress=not args.quiet)
+                                 gradient_checkpointing=args.gradient_checkpointing, progress=not args.quiet,
+                                 checkpoint=Path(args.out) / "gradients.partial")
     rec = gradients_provenance(args.model, calib, args.seed, dtype=args.dtype, samples=args.samples,
                                max_tokens=args.max_tokens, calibration_spec=args.calibration,
                                response_only=args.response_only, exact_hessian=args.exact_hessian,

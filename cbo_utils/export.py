@@ -22,7 +22,7 @@ from .models import model_device
 
 
 class VerificationError(AssertionError):
-    pass
+    """An exported model failed a check of :func:`verify_export` (the message lists which)."""
 
 
 def export_pruned(model, tokenizer, remove, out_dir, *, method: str = "manual", energy: float | None = None,

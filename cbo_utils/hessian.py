@@ -14,6 +14,8 @@ pass still yields per-sample rows.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import resource
 import time
@@ -31,6 +33,7 @@ from .calibration import CalibrationSet
 from .models import model_device
 
 GRADIENTS_FILE = "gradients.safetensors"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,6 +74,7 @@ class GradientResult:
 
 
 def fisher_from_gradients(A: torch.Tensor) -> torch.Tensor:
+    """Empirical Fisher ``AᵀA/m`` in float64, exactly symmetric."""
     A = A.to(torch.float64)
     H = A.T @ A / A.shape[0]
     return (H + H.T) / 2  # exactly symmetric
@@ -169,12 +173,16 @@ def _peak_rss_gb() -> float:
 def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], *, batch_size: int = 1,
                            response_only: bool = False, exact_hessian_samples: int | Sequence[int] = 0,
                            gradient_checkpointing: bool = False, progress: bool = True, accelerator=None,
-                           pad_token_id: int | None = None) -> GradientResult:
+                           pad_token_id: int | None = None, checkpoint=None, checkpoint_every: int = 32
+                           ) -> GradientResult:
     """Collect A (m × N), g, the Fisher H and optionally the exact Hessian (see the module docstring).
 
     ``exact_hessian_samples``: an int K (the first K samples) or explicit sample indices for ``H_exact``.
     ``accelerator``: an ``accelerate.Accelerator``; with several processes each takes every world-th sample and
     the rows are gathered back in calibration order (identical to one process).
+    ``checkpoint``: a file prefix; the rows done so far are saved there every ``checkpoint_every`` samples (one
+    file per process), and a rerun on the same model, calibration and options resumes from them. The files are
+    deleted when the collection finishes.
     """
     from tqdm.auto import tqdm
 
@@ -194,14 +202,18 @@ def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], 
         model.train()  # HF only checkpoints in training mode; the supported models have no active dropout here
     rows = torch.zeros((len(mine), N), dtype=torch.float64)
     losses = torch.zeros(len(mine), dtype=torch.float64)
+    ckpt = Path(f"{checkpoint}.rank{rank}-of-{world}.safetensors") if checkpoint else None
+    key = _resume_key(model, samples, N, response_only, batch_size) if ckpt else ""
+    start = _load_partial(ckpt, key, rows, losses) if ckpt else 0
     t0 = time.perf_counter()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     gates = Gates(model, adapter=adapter).attach()
     try:
-        bar = tqdm(total=len(mine), desc="gate gradients", unit="sample", disable=not progress or rank != 0)
-        pos = 0
-        for idx in _batches(mine, batch_size):
+        bar = tqdm(total=len(mine), initial=start, desc="gate gradients", unit="sample",
+                   disable=not progress or rank != 0)
+        pos, last_saved = start, start
+        for idx in _batches(mine[start:], batch_size):
             ids, att, msk = _collate(samples, idx, dev, pad, response_only)
             alpha = torch.ones((len(idx), N), dtype=torch.float32, requires_grad=True)
             gates.alpha = alpha
@@ -211,6 +223,9 @@ def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], 
             losses[pos:pos + len(idx)] = loss.detach().double().cpu()
             pos += len(idx)
             bar.update(len(idx))
+            if ckpt and pos - last_saved >= checkpoint_every and pos < len(mine):
+                _save_partial(ckpt, key, rows, losses, pos)
+                last_saved = pos
         bar.close()
         t_grad = time.perf_counter() - t0
         H_exact, t_hess, hess_idx = None, 0.0, []
@@ -229,13 +244,16 @@ def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], 
 
     if world > 1:
         rows, losses = _gather_rows(accelerator, rows, losses, m)
+    if ckpt and ckpt.exists():
+        ckpt.unlink()
     A = rows
     meta = {
         "samples": m, "blocks": N, "block_types": block_types(model), "tokens": int(sum(
             s["input_ids"].numel() for s in samples)), "response_only": response_only, "batch_size": batch_size,
         "gradient_checkpointing": gradient_checkpointing, "model_dtype": str(next(model.parameters()).dtype),
         "gate_dtype": "float32", "accumulation_dtype": "float64", "device": str(dev), "processes": world,
-        "seconds_gradients": round(t_grad, 3), "seconds_per_sample": round(t_grad / max(len(mine), 1), 4),
+        "seconds_gradients": round(t_grad, 3),
+        "seconds_per_sample": round(t_grad / max(len(mine) - start, 1), 4), "resumed_from_sample": start,
         "exact_hessian_samples": hess_idx, "seconds_exact_hessian": round(t_hess, 3),
         "peak_rss_gb": round(_peak_rss_gb(), 3), "mean_loss": float(losses.mean()),
         "sample_losses": [round(float(x), 6) for x in losses],
@@ -245,6 +263,48 @@ def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], 
     if isinstance(calibration, CalibrationSet):
         meta["calibration"] = calibration.describe()
     return GradientResult.from_A(A, H_exact=H_exact, meta=meta)
+
+
+def _resume_key(model, samples, N, response_only, batch_size) -> str:
+    """What must match for partial rows to be reused: model identity, calibration tokens and options."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(json.dumps([getattr(model.config, "_name_or_path", ""), type(model).__name__, N, response_only,
+                         batch_size, str(next(model.parameters()).dtype)]).encode())
+    for p in list(model.parameters())[:2] + list(model.parameters())[-2:]:  # cheap fingerprint of the weights
+        h.update(p.detach().float().flatten()[:4096].cpu().numpy().tobytes())
+    for s in samples:
+        h.update(s["input_ids"].to(torch.int64).numpy().tobytes())
+        h.update(s["loss_mask"].to(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_partial(path: Path, key: str, rows, losses, done: int) -> None:
+    from safetensors.torch import save as st_save
+
+    from .artifacts import atomic_write_bytes
+
+    atomic_write_bytes(path, st_save({"rows": rows[:done].contiguous(), "losses": losses[:done].contiguous()},
+                                     metadata={"key": key, "done": str(done)}))
+
+
+def _load_partial(path: Path, key: str, rows, losses) -> int:
+    """Fill ``rows``/``losses`` from a partial file of the same collection; return how many are done."""
+    if not path.is_file():
+        return 0
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("key") != key:
+            log.warning("ignoring %s: it belongs to another model, calibration set or option set", path)
+            return 0
+        done = int(meta["done"])
+        rows[:done] = f.get_tensor("rows")
+        losses[:done] = f.get_tensor("losses")
+    log.info("resuming gate gradients from sample %d (%s)", done, path)
+    return done
 
 
 def _gather_rows(accelerator, rows: torch.Tensor, losses: torch.Tensor, m: int):

@@ -88,7 +88,8 @@ def run(profile: str, results: Path | None = None) -> list[Path]:
             print(f"[{model_name}] gradients: {cfg['samples']} samples × {cfg['max_tokens']} tokens ...", flush=True)
             model, tok = load_model(model_name, dtype=cfg["dtype"], device_map=cfg.get("device_map"))
             calib = load_calibration(cfg["calibration"], tok, samples=cfg["samples"], max_tokens=cfg["max_tokens"])
-            res = collect_gate_gradients(model, calib, exact_hessian_samples=cfg.get("exact_hessian_samples") or 0)
+            res = collect_gate_gradients(model, calib, exact_hessian_samples=cfg.get("exact_hessian_samples") or 0,
+                                         checkpoint=out / "gradients.partial")
             res.save(out, gradients_provenance(model_name, calib, cfg["seed"], stage=params))
             print(f"[{model_name}] gradients: {res.meta['seconds_gradients']:.1f} s, peak RSS "
                   f"{res.meta['peak_rss_gb']:.2f} GB")

@@ -192,3 +192,36 @@ def test_low_precision_weights_keep_float32_gates(dtype):
     res = collect_gate_gradients(model, varied_calibration(tok, n=2), progress=False)
     assert torch.isfinite(res.A).all() and (res.A != 0).any()
     assert res.meta["gate_dtype"] == "float32" and res.meta["model_dtype"] == str(dtype)
+
+
+def test_interrupted_collection_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    import cbo_utils.hessian as hz
+
+    model, tok = build_tiny("tiny-llama")
+    calib = varied_calibration(tok, n=7)
+    ref = collect_gate_gradients(model, calib, progress=False)
+    real, calls = hz.sample_loss, []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # the user presses Ctrl-C during sample 6
+        return real(*a, **k)
+
+    monkeypatch.setattr(hz, "sample_loss", dying)
+    prefix = tmp_path / "grad.partial"
+    with pytest.raises(KeyboardInterrupt):
+        collect_gate_gradients(model, calib, progress=False, checkpoint=prefix, checkpoint_every=2)
+    assert (tmp_path / "grad.partial.rank0-of-1.safetensors").is_file()
+    calls.clear()
+    res = collect_gate_gradients(model, calib, progress=False, checkpoint=prefix, checkpoint_every=2)
+    assert len(calls) == 3 and res.meta["resumed_from_sample"] == 4  # samples 0-3 were saved, 4-6 recomputed
+    torch.testing.assert_close(res.A, ref.A, rtol=0, atol=0)
+    assert not list(tmp_path.iterdir())  # the partial file is gone once complete
+    # a checkpoint of another calibration set is never reused
+    with pytest.raises(KeyboardInterrupt):
+        calls.clear()
+        collect_gate_gradients(model, calib, progress=False, checkpoint=prefix, checkpoint_every=2)
+    monkeypatch.setattr(hz, "sample_loss", real)
+    other = collect_gate_gradients(model, varied_calibration(tok, n=7, seed=1), progress=False, checkpoint=prefix)
+    assert other.meta["resumed_from_sample"] == 0
