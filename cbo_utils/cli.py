@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+    except (CLIError, ValueError, OSError, KeyError) as exc:  # OSError: missing files, unreachable models
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"cbo {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE

@@ -46,8 +46,9 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, removed: Seque
             ctx.alpha[list(removed)] = 0.0
         for i in range(0, windows.shape[0], batch_size):
             x = windows[i:i + batch_size].to(dev)
-            logits = model(input_ids=x).logits[:, :-1].float()
-            loss = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="sum")
+            logits = model(input_ids=x).logits[:, :-1]
+            logits = logits if logits.dtype == torch.float64 else logits.float()
+            loss = F.cross_entropy(logits.transpose(1, 2), x[:, 1:].to(logits.device), reduction="sum")
             nll += float(loss.double())
             count += x[:, 1:].numel()
     finally:

@@ -109,8 +109,10 @@ def verify_export(out_dir, original_model, tokenizer=None, *, prompts: list[str]
     out_dir = Path(out_dir)
     rec = read_json(out_dir / "removed_blocks.json")
     removed = rec["removed_blocks"]
+    sharded = bool(getattr(original_model, "hf_device_map", None))  # a big model: shard the reload the same way
     pruned, info = AutoModelForCausalLM.from_pretrained(out_dir, output_loading_info=True,
-                                                        dtype=next(original_model.parameters()).dtype)
+                                                        dtype=next(original_model.parameters()).dtype,
+                                                        **({"device_map": "auto"} if sharded else {}))
     pruned.eval()
     tok = tokenizer or AutoTokenizer.from_pretrained(out_dir)
     report: dict[str, Any] = {"folder": str(out_dir), "removed_blocks": removed, "checks": {}}
@@ -129,19 +131,23 @@ def verify_export(out_dir, original_model, tokenizer=None, *, prompts: list[str]
                                    "config_num_hidden_layers": cfg_depth}
 
     dev = model_device(original_model)
+    if not sharded:
+        pruned.to(dev)
+    pdev = model_device(pruned)
     prompts = prompts or ["The capital of France is", "Water boils at a temperature of"]
     enc = [torch.tensor([tok(p)["input_ids"]], device=dev) for p in prompts]
     max_diff = 0.0
     with Gates(original_model) as gates, gates.removed(removed):
         for ids in enc:
-            ref = original_model(ids).logits.float()
-            got = pruned.to(dev)(ids).logits.float()
+            ref = original_model(ids).logits.float().cpu()
+            got = pruned(ids.to(pdev)).logits.float().cpu()
             max_diff = max(max_diff, (ref - got).abs().max().item())
     checks["logits_vs_gated_alpha0"] = {"ok": max_diff <= atol, "max_abs_diff": max_diff, "atol": atol}
 
     same = True
     gen = []
     for ids in enc:
+        ids = ids.to(pdev)
         kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
         a = pruned.generate(ids, use_cache=True, **kw)
         b = pruned.generate(ids, use_cache=False, **kw)

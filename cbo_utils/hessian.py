@@ -133,12 +133,12 @@ def sample_loss(model, input_ids: torch.Tensor, loss_mask: torch.Tensor | None =
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
     if logits.dtype != torch.float64:
         logits = logits.float()  # the softmax in float32 at least (bf16/fp16 models)
-    target = input_ids[:, 1:]
+    target = input_ids[:, 1:].to(logits.device)  # a device_map-sharded model returns logits on its last device
     count = torch.ones_like(target, dtype=torch.bool)
     if loss_mask is not None:
         count &= (loss_mask if loss_mask.dim() == 2 else loss_mask[None])[:, 1:].to(count.device)
     if attention_mask is not None:
-        count &= attention_mask[:, 1:].bool()
+        count &= attention_mask[:, 1:].bool().to(count.device)
     nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
     n = count.sum(1)
     if (n == 0).any():
@@ -215,7 +215,7 @@ def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], 
         pos, last_saved = start, start
         for idx in _batches(mine[start:], batch_size):
             ids, att, msk = _collate(samples, idx, dev, pad, response_only)
-            alpha = torch.ones((len(idx), N), dtype=torch.float32, requires_grad=True)
+            alpha = torch.ones((len(idx), N), dtype=torch.float32, device=dev, requires_grad=True)
             gates.alpha = alpha
             loss = sample_loss(model, ids, msk, att)
             (grad,) = torch.autograd.grad(loss.sum(), alpha)
@@ -352,7 +352,7 @@ def exact_gate_hessian(model, samples: Sequence[dict], gates: Gates | None = Non
 def _hessian_rows(model, samples, gates, H, dev, response_only, tqdm, progress):
     N = gates.n
     for s in tqdm(samples, desc="exact Hessian", unit="sample", disable=not progress):
-        alpha = torch.ones(N, dtype=torch.float32, requires_grad=True)
+        alpha = torch.ones(N, dtype=torch.float32, device=dev, requires_grad=True)
         gates.alpha = alpha
         ids = s["input_ids"].to(dev)
         msk = s["loss_mask"].to(dev) if response_only else None

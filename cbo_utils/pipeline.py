@@ -87,7 +87,9 @@ def run(profile: str, results: Path | None = None) -> list[Path]:
         else:
             print(f"[{model_name}] gradients: {cfg['samples']} samples × {cfg['max_tokens']} tokens ...", flush=True)
             model, tok = load_model(model_name, dtype=cfg["dtype"], device_map=cfg.get("device_map"))
-            calib = load_calibration(cfg["calibration"], tok, samples=cfg["samples"], max_tokens=cfg["max_tokens"])
+            thinking = True if "qwen3" in model_name.lower() else None  # the paper: Qwen3 with its thinking template
+            calib = load_calibration(cfg["calibration"], tok, samples=cfg["samples"], max_tokens=cfg["max_tokens"],
+                                     enable_thinking=thinking)
             res = collect_gate_gradients(model, calib, exact_hessian_samples=cfg.get("exact_hessian_samples") or 0,
                                          checkpoint=out / "gradients.partial")
             res.save(out, gradients_provenance(model_name, calib, cfg["seed"], stage=params))

@@ -89,3 +89,9 @@ def test_blocks_listing(capsys):
     assert main(["blocks", "--model", "tiny-nemotron-h"]) == 0
     out = capsys.readouterr().out
     assert "14 blocks" in out and "attention" in out and "moe" in out
+
+
+def test_unreachable_model_is_a_clear_error(tmp_path, capsys):
+    rc = main(["gradients", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no-such-model" in err and "tiny model name" in err
