@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 EXIT_USAGE = 2
+EXACT_STATE_LIMIT = 10**11  # beyond this `cbo solve --solver exact` asks for --force
 
 
 class CLIError(Exception):
@@ -118,6 +119,13 @@ def cmd_solve(args) -> int:
         H.numpy(), args.M, g=res.g.numpy() if args.energy == "taylor" else None, energy=args.energy,
         keep=args.keep or (), remove=args.remove or (), block_types=types,
         only_types=tuple(args.only_types.split(",")) if args.only_types else None)
+    import math
+
+    n_states = math.comb(len(problem.free), problem.M_free)
+    if args.solver == "exact" and n_states > EXACT_STATE_LIMIT and not args.force:
+        raise CLIError(f"exact enumeration of C({len(problem.free)}, {problem.M_free}) = {n_states:.3g} states would "
+                       f"take hours or more (≈ 5·10⁷ states/s on 2 cores); use --solver tabu or --solver sa, restrict "
+                       "the problem (--keep, --only-types), or pass --force to enumerate anyway")
     kw = {}
     if args.solver == "sa":
         kw.update(num_reads=args.reads or 1000, num_sweeps=args.sweeps)
@@ -222,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove", type=_blocks_arg, help="blocks that must be removed")
     p.add_argument("--only-types", help="remove only blocks of these types, e.g. moe or attention,moe")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="enumerate even beyond 10¹¹ states")
     p.add_argument("--reads", type=_positive, help="samples for sa/tabu")
     p.add_argument("--sweeps", type=_positive, default=1000, help="sweeps per SA read")
     p.add_argument("--timeout-ms", type=_positive, default=200, help="time per tabu read")

@@ -95,3 +95,11 @@ def test_unreachable_model_is_a_clear_error(tmp_path, capsys):
     rc = main(["gradients", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "g")])
     err = capsys.readouterr().err
     assert rc == 2 and "no-such-model" in err and "tiny model name" in err
+
+
+def test_hopeless_exact_enumeration_is_refused(tmp_path, capsys):
+    g = _grad_dir(tmp_path / "g", torch.randn(100, 80, dtype=torch.float64))
+    rc = main(["solve", "--hessian", g, "-M", "30", "--out", str(tmp_path / "s.csv")])
+    assert rc == 2 and "--solver tabu" in capsys.readouterr().err
+    assert main(["solve", "--hessian", g, "-M", "30", "--solver", "tabu", "--reads", "2", "--timeout-ms", "50",
+                 "-k", "3", "--out", str(tmp_path / "s.csv")]) == 0
