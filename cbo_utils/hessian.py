@@ -173,8 +173,8 @@ def _peak_rss_gb() -> float:
 def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], *, batch_size: int = 1,
                            response_only: bool = False, exact_hessian_samples: int | Sequence[int] = 0,
                            gradient_checkpointing: bool = False, progress: bool = True, accelerator=None,
-                           pad_token_id: int | None = None, checkpoint=None, checkpoint_every: int = 32
-                           ) -> GradientResult:
+                           pad_token_id: int | None = None, checkpoint=None, checkpoint_every: int = 32,
+                           removed: Sequence[int] = ()) -> GradientResult:
     """Collect A (m × N), g, the Fisher H and optionally the exact Hessian (see the module docstring).
 
     ``exact_hessian_samples``: an int K (the first K samples) or explicit sample indices for ``H_exact``.
@@ -183,6 +183,8 @@ def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], 
     ``checkpoint``: a file prefix; the rows done so far are saved there every ``checkpoint_every`` samples (one
     file per process), and a rerun on the same model, calibration and options resumes from them. The files are
     deleted when the collection finishes.
+    ``removed``: blocks already taken out (α = 0 there): the gradients are those of the shrunken model, for
+    iterative selection without copying the model. Their columns are the derivatives for putting a block back.
     """
     from tqdm.auto import tqdm
 
@@ -203,7 +205,8 @@ def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], 
     rows = torch.zeros((len(mine), N), dtype=torch.float64)
     losses = torch.zeros(len(mine), dtype=torch.float64)
     ckpt = Path(f"{checkpoint}.rank{rank}-of-{world}.safetensors") if checkpoint else None
-    key = _resume_key(model, samples, N, response_only, batch_size) if ckpt else ""
+    removed = sorted(int(b) for b in removed)
+    key = _resume_key(model, samples, N, response_only, (batch_size, removed)) if ckpt else ""
     start = _load_partial(ckpt, key, rows, losses) if ckpt else 0
     t0 = time.perf_counter()
     if dev.type == "cuda":
@@ -215,7 +218,9 @@ def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], 
         pos, last_saved = start, start
         for idx in _batches(mine[start:], batch_size):
             ids, att, msk = _collate(samples, idx, dev, pad, response_only)
-            alpha = torch.ones((len(idx), N), dtype=torch.float32, device=dev, requires_grad=True)
+            alpha = torch.ones((len(idx), N), dtype=torch.float32, device=dev)
+            alpha[:, removed] = 0.0
+            alpha.requires_grad_(True)
             gates.alpha = alpha
             loss = sample_loss(model, ids, msk, att)
             (grad,) = torch.autograd.grad(loss.sum(), alpha)
@@ -248,7 +253,7 @@ def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], 
         ckpt.unlink()
     A = rows
     meta = {
-        "samples": m, "blocks": N, "block_types": block_types(model), "tokens": int(sum(
+        "samples": m, "blocks": N, "removed_blocks": removed, "block_types": block_types(model), "tokens": int(sum(
             s["input_ids"].numel() for s in samples)), "response_only": response_only, "batch_size": batch_size,
         "gradient_checkpointing": gradient_checkpointing, "model_dtype": str(next(model.parameters()).dtype),
         "gate_dtype": "float32", "accumulation_dtype": "float64", "device": str(dev), "processes": world,
