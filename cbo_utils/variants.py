@@ -88,8 +88,13 @@ def calibration_scores(model, sets: Sequence[Sequence[int]], samples: Calibratio
     if objective not in ("ce", "kl"):
         raise ValueError(f"unknown objective {objective!r}; use 'ce' or 'kl'")
     samples = list(samples)
+    if objective == "ce":  # the baselines' calibration NLL: the same token-weighted definition, one implementation
+        from .baselines import calibration_nll
+
+        return np.array([calibration_nll(model, samples, removed=list(b)) for b in
+                         tqdm(sets, desc="re-rank (ce)", disable=not progress)], dtype=np.float64)
     dev = model_device(model)
-    dense = _dense_logprobs(model, samples, dev) if objective == "kl" else None
+    dense = _dense_logprobs(model, samples, dev)
     scores = np.zeros(len(sets))
     with Gates(model) as gates:
         for j, blocks in enumerate(tqdm(sets, desc=f"re-rank ({objective})", disable=not progress)):
@@ -99,13 +104,9 @@ def calibration_scores(model, sets: Sequence[Sequence[int]], samples: Calibratio
             tot, cnt = 0.0, 0
             for i, s in enumerate(samples):
                 ids = s["input_ids"][None].to(dev)
-                logits = model(input_ids=ids).logits[0, :-1].float()
-                if objective == "ce":
-                    tot += float(F.cross_entropy(logits, ids[0, 1:].to(logits.device), reduction="sum"))
-                else:
-                    lp = F.log_softmax(logits, -1)
-                    p_dense = dense[i].to(lp.device).float()
-                    tot += float((p_dense.exp() * (p_dense - lp)).sum())
+                lp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+                p_dense = dense[i].to(lp.device).float()
+                tot += float((p_dense.exp() * (p_dense - lp)).sum())
                 cnt += ids.shape[1] - 1
             scores[j] = tot / cnt
     return scores
