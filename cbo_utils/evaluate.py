@@ -8,6 +8,7 @@ Perplexity = exp(total NLL / total predicted tokens), float64 accumulation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -38,12 +39,10 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, removed: Seque
     those blocks), which must equal the physically pruned model."""
     dev = model_device(model)
     nll, count = 0.0, 0
-    ctx = Gates(model) if removed else None
-    try:
-        if ctx:
-            ctx.attach()
-            ctx.alpha = torch.ones(ctx.n)
-            ctx.alpha[list(removed)] = 0.0
+    with contextlib.ExitStack() as stack:
+        if removed:
+            gates = stack.enter_context(Gates(model))
+            stack.enter_context(gates.removed(removed))
         for i in range(0, windows.shape[0], batch_size):
             x = windows[i:i + batch_size].to(dev)
             logits = model(input_ids=x).logits[:, :-1]
@@ -51,8 +50,5 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, removed: Seque
             loss = F.cross_entropy(logits.transpose(1, 2), x[:, 1:].to(logits.device), reduction="sum")
             nll += float(loss.double())
             count += x[:, 1:].numel()
-    finally:
-        if ctx:
-            ctx.detach()
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count,
             "seq_len": int(windows.shape[1]), "windows": int(windows.shape[0])}
