@@ -174,7 +174,8 @@ def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], 
                            response_only: bool = False, exact_hessian_samples: int | Sequence[int] = 0,
                            gradient_checkpointing: bool = False, progress: bool = True, accelerator=None,
                            pad_token_id: int | None = None, checkpoint=None, checkpoint_every: int = 32,
-                           removed: Sequence[int] = ()) -> GradientResult:
+                           removed: Sequence[int] = (), random_removal: tuple[int, int] | None = None,
+                           points_per_sample: int = 1, seed: int = 0) -> GradientResult:
     """Collect A (m × N), g, the Fisher H and optionally the exact Hessian (see the module docstring).
 
     ``exact_hessian_samples``: an int K (the first K samples) or explicit sample indices for ``H_exact``.
@@ -185,15 +186,25 @@ def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], 
     deleted when the collection finishes.
     ``removed``: blocks already taken out (α = 0 there): the gradients are those of the shrunken model, for
     iterative selection without copying the model. Their columns are the derivatives for putting a block back.
+    ``random_removal=(lo, hi)``: the *stochastic-depth* gradients — each row is taken at its own random point: a
+    uniformly drawn count k ∈ [lo, hi] of blocks (uniform k-subset of the blocks not in ``removed``, seeded by
+    ``seed``) gated off in addition to ``removed``. ``points_per_sample`` rows per sample (A gets m·points rows,
+    ordered point-major: all samples at their first point, then at their second, ...). The drawn sets are recorded
+    in ``meta["random_points"]``. H = AᵀA/m is then the Fisher averaged over partially removed models (see
+    :mod:`cbo_utils.variants`).
     """
     from tqdm.auto import tqdm
 
     samples = list(calibration)
     if not samples:
         raise ValueError("the calibration set is empty")
-    m = len(samples)
     adapter = get_adapter(model)
     N = len(adapter.layers(model))
+    removed = sorted(int(b) for b in removed)
+    points = _random_points(N, len(samples), removed, random_removal, points_per_sample, seed)
+    if points is not None:
+        samples = samples * points_per_sample
+    m = len(samples)
     dev = model_device(model)
     pad = pad_token_id if pad_token_id is not None else (getattr(model.config, "pad_token_id", None) or 0)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
@@ -205,8 +216,7 @@ def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], 
     rows = torch.zeros((len(mine), N), dtype=torch.float64)
     losses = torch.zeros(len(mine), dtype=torch.float64)
     ckpt = Path(f"{checkpoint}.rank{rank}-of-{world}.safetensors") if checkpoint else None
-    removed = sorted(int(b) for b in removed)
-    key = _resume_key(model, samples, N, response_only, (batch_size, removed)) if ckpt else ""
+    key = _resume_key(model, samples, N, response_only, (batch_size, removed, points)) if ckpt else ""
     start = _load_partial(ckpt, key, rows, losses) if ckpt else 0
     t0 = time.perf_counter()
     if dev.type == "cuda":
@@ -220,6 +230,9 @@ def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], 
             ids, att, msk = _collate(samples, idx, dev, pad, response_only)
             alpha = torch.ones((len(idx), N), dtype=torch.float32, device=dev)
             alpha[:, removed] = 0.0
+            if points is not None:
+                for r, i in enumerate(idx):
+                    alpha[r, points[i]] = 0.0
             alpha.requires_grad_(True)
             gates.alpha = alpha
             loss = sample_loss(model, ids, msk, att)
@@ -263,11 +276,38 @@ def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], 
         "peak_rss_gb": round(_peak_rss_gb(), 3), "mean_loss": float(losses.mean()),
         "sample_losses": [round(float(x), 6) for x in losses],
     }
+    if points is not None:
+        meta.update(random_removal=list(random_removal), points_per_sample=points_per_sample, seed=seed,
+                    random_points=points)
     if dev.type == "cuda":
         meta["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated(dev) / 1024**3, 3)
     if isinstance(calibration, CalibrationSet):
         meta["calibration"] = calibration.describe()
     return GradientResult.from_A(A, H_exact=H_exact, meta=meta)
+
+
+def _random_points(N: int, m: int, removed: Sequence[int], random_removal, points_per_sample: int, seed: int
+                   ) -> list[list[int]] | None:
+    """The random extra removals of the stochastic-depth gradients (one list per row), or None when off."""
+    if random_removal is None:
+        if points_per_sample != 1:
+            raise ValueError("points_per_sample > 1 only makes sense with random_removal=(lo, hi)")
+        return None
+    import numpy as np
+
+    lo, hi = (int(x) for x in random_removal)
+    free = [i for i in range(N) if i not in set(removed)]
+    if not 0 <= lo <= hi <= len(free) - 1:
+        raise ValueError(f"random_removal=({lo}, {hi}) must satisfy 0 <= lo <= hi < {len(free)} (the blocks left); "
+                         "e.g. (0, M) for a removal of M blocks")
+    if points_per_sample < 1:
+        raise ValueError("points_per_sample must be at least 1")
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(m * points_per_sample):
+        k = int(rng.integers(lo, hi + 1))
+        out.append(sorted(int(b) for b in rng.choice(free, size=k, replace=False)))
+    return out
 
 
 def _resume_key(model, samples, N, response_only, batch_size) -> str:

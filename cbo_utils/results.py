@@ -31,6 +31,18 @@ EVALUATION_COLUMNS = ["model", "method", "M", "state", "task", "metric", "value"
 EVALUATION_KEY = ["model", "method", "M", "state", "task", "metric", "limit", "retrained"]
 
 
+def _key_text(x) -> str:
+    """Canonical text of a key cell: missing → '', 4.0 → '4' (a CSV round trip turns int columns with gaps into
+    floats), everything else str()."""
+    if x is None or (isinstance(x, float) and x != x):
+        return ""
+    if isinstance(x, float) and x.is_integer():
+        return str(int(x))
+    if isinstance(x, bool):
+        return str(x)
+    return str(x)
+
+
 def upsert_rows(path, rows: Iterable[Mapping], columns: list[str], key: list[str]) -> pd.DataFrame:
     """Add ``rows`` to the CSV at ``path`` (created if missing), replacing rows with the same ``key``."""
     path = Path(path)
@@ -42,7 +54,7 @@ def upsert_rows(path, rows: Iterable[Mapping], columns: list[str], key: list[str
     extra = [c for c in list(old.columns) + list(new.columns) if c not in columns]
     cols = columns + list(dict.fromkeys(extra))
     both = pd.concat([old.reindex(columns=cols), new.reindex(columns=cols)], ignore_index=True)
-    keyed = both[key].astype(str).agg("|".join, axis=1)
+    keyed = both[key].apply(lambda col: col.map(_key_text)).agg("|".join, axis=1)
     out = both[~keyed.duplicated(keep="last")].reset_index(drop=True)
     buf = io.StringIO()
     out.to_csv(buf, index=False)

@@ -130,10 +130,11 @@ class IterativeResult:
     removed: list[int]
     steps: list[dict]
     seconds: float
+    gradient_seconds: float = 0.0
 
 
 def iterative_cbo(model, calibration: CalibrationSet, M: int, step: int = 2, energy: str = "fisher",
-                  protect_ends: bool = False, progress: bool = False) -> IterativeResult:
+                  protect_ends: bool = False, progress: bool = False, batch_size: int = 1) -> IterativeResult:
     """Remove ``step`` blocks at a time: gate gradients on the current (gated) model, the ground state of the
     chosen energy over the remaining blocks, repeat until M are removed. Indices are 0-based original ones."""
     if step < 1:
@@ -141,8 +142,10 @@ def iterative_cbo(model, calibration: CalibrationSet, M: int, step: int = 2, ene
     t0 = time.perf_counter()
     removed: list[int] = []
     steps = []
+    grad_s = 0.0
     while len(removed) < M:
-        grads = collect_gate_gradients(model, calibration, removed=removed, progress=progress)
+        grads = collect_gate_gradients(model, calibration, removed=removed, progress=progress, batch_size=batch_size)
+        grad_s += float(grads.meta["seconds_gradients"])
         N = grads.N
         kept = [i for i in range(N) if i not in removed]
         sub = np.ix_(kept, kept)
@@ -156,7 +159,7 @@ def iterative_cbo(model, calibration: CalibrationSet, M: int, step: int = 2, ene
         new = [kept[i] for i in best]
         removed = sorted(removed + new)
         steps.append({"added": new, "removed": list(removed), "mean_loss": grads.meta["mean_loss"]})
-    return IterativeResult(removed, steps, time.perf_counter() - t0)
+    return IterativeResult(removed, steps, time.perf_counter() - t0, grad_s)
 
 
 # ------------------------------------------------------------------------------------------------- analysis

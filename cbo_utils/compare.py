@@ -1,0 +1,552 @@
+"""The comparison harness: every method on the same calibration data, measured the same way.
+
+``python -m cbo_utils.compare --profile mini`` (``make compare``) runs, for every model and M of the profile's
+``compare:`` section:
+
+1. **select** — every baseline (:mod:`cbo_utils.baselines`) and every CBO variant (:data:`CBO_VARIANTS`) picks M
+   blocks from the *same* calibration windows. CBO's gate gradients are collected once per kind (cached as
+   ``gradients.safetensors`` + sidecar under ``results/<profile>/<model>/compare/``); variants that re-rank use the
+   last ``rerank_samples`` calibration windows as their held-out part and take gradients on the others, so every
+   method sees the same tokens. Each selection is a row of ``selections.csv`` with its wall-clock cost (CBO: its
+   gradients + solve + re-ranking; a gradient collection shared by several variants is charged in full to each).
+2. **evaluate** — held-out perplexity (BoolQ Wikipedia passages, never calibration data) and the zero-shot tasks
+   through lm-evaluation-harness with a fixed item limit (the same first items for every method), on the gated
+   model (α = 0 on the removed blocks, equal to physical removal; SWM on its merged model). Rows of
+   ``evaluations.csv``; a measurement already in the table is not repeated, so an interrupted run resumes.
+3. **correlate** — for each M and energy variant: the ``lowest`` lowest-energy states and ``random`` random
+   feasible states, their held-out perplexity, Spearman ρ(energy, perplexity) → ``correlations.csv``.
+4. **efficiency** — the default CBO selection of every M exported with ``save_pretrained`` (a folder plain
+   ``from_pretrained`` opens) and measured against the dense model: parameters, peak memory, tokens/s.
+5. **report** — ``comparison.md``: method × M × metric, and the cost and correlation tables.
+
+Nothing is tuned on evaluation data: every CBO variant's rule (which energy, which K, which objective) is fixed in
+the profile before any evaluation runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .artifacts import format_blocks, parse_blocks, read_json, sidecar_path, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------------------------- variants
+@dataclass(frozen=True)
+class CBOVariant:
+    """One CBO selection rule, fixed before any evaluation.
+
+    ``gradients``: ``dense`` — gate gradients at α = 1 (the paper); ``stochastic`` — each row at a random partial
+    removal of 0..M blocks (:func:`cbo_utils.hessian.collect_gate_gradients` with ``random_removal=(0, M)``), the
+    Fisher averaged over the models met on the way to removing M blocks.
+    ``energy``: fisher (xᵀHx) | taylor (−gᵀx + ½xᵀHx). ``hessian``: fisher | exact. ``protect_ends``: keep the
+    first and last block. ``rerank``: re-rank the K lowest states by cross-entropy on the held-out calibration
+    windows and take the best (0 = ground state). ``iterative_step``: >0 = remove that many blocks at a time and
+    recompute the gradients on the shrunken model.
+    """
+
+    name: str
+    gradients: str = "dense"
+    energy: str = "fisher"
+    hessian: str = "fisher"
+    protect_ends: bool = False
+    rerank: int = 0
+    objective: str = "ce"
+    iterative_step: int = 0
+    description: str = ""
+
+    @property
+    def uses_heldout(self) -> bool:
+        return self.rerank > 0
+
+
+CBO_VARIANTS: dict[str, CBOVariant] = {v.name: v for v in [
+    CBOVariant("cbo-paper", description="the paper: Fisher xᵀHx at α = 1, ground state"),
+    CBOVariant("cbo-paper-rerank", rerank=20, description="the paper's 20 lowest states re-ranked on held-out "
+                                                          "calibration cross-entropy"),
+    CBOVariant("cbo-taylor", energy="taylor", description="with the first-order term, −gᵀx + ½xᵀHx"),
+    CBOVariant("cbo-exactH", hessian="exact", description="exact gate Hessian instead of the Fisher"),
+    CBOVariant("cbo-paper-protect", protect_ends=True, description="paper, first and last block kept"),
+    CBOVariant("cbo-iterative", iterative_step=2, protect_ends=True,
+               description="2 blocks at a time, gradients recomputed on the shrunken model, ends kept"),
+    CBOVariant("cbo-sd", gradients="stochastic", description="stochastic-depth Fisher (gradients at random partial "
+                                                             "removals of 0..M blocks), ground state"),
+    CBOVariant("cbo-sd-rerank", gradients="stochastic", rerank=20,
+               description="stochastic-depth Fisher, 20 lowest re-ranked on held-out calibration cross-entropy"),
+]}
+#: The package's default CBO selection (see README "Which CBO variant is the default").
+DEFAULT_VARIANT = "cbo-sd-rerank"
+
+
+def get_variant(name: str) -> CBOVariant:
+    if name not in CBO_VARIANTS:
+        raise ValueError(f"unknown CBO variant {name!r}; choose one of {sorted(CBO_VARIANTS)}")
+    return CBO_VARIANTS[name]
+
+
+# ------------------------------------------------------------------------------------------------ settings
+DEFAULTS: dict[str, Any] = {
+    "samples": 32, "max_tokens": 256, "rerank_samples": 8, "batch_size": 8,
+    "ppl_windows": 16, "ppl_seq_len": 256,
+    "tasks": ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande"], "limit": 100, "task_source": "offline",
+    "baselines": ["block_influence", "block_influence_iterative", "norm_ratio", "angular_distance", "tail",
+                  "one_shot_perplexity", "taylor_plus", "sleb", "sliding_window_merging"],
+    "random_seeds": [0, 1, 2],
+    "variants": list(CBO_VARIANTS), "default": DEFAULT_VARIANT, "exact_hessian_samples": 0,
+    "points_per_sample": 2, "spearman": {"lowest": 30, "random": 20, "variants": ["cbo-paper", "cbo-sd"]},
+    "threads": None, "models": None,
+}
+
+
+def compare_settings(cfg: dict) -> dict:
+    """The profile's ``compare:`` section over :data:`DEFAULTS`, validated."""
+    s = {**DEFAULTS, **(cfg.get("compare") or {})}
+    s["spearman"] = {**DEFAULTS["spearman"], **(s.get("spearman") or {})}
+    unknown = [v for v in s["variants"] if v not in CBO_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown CBO variants {unknown} in the profile; choose from {sorted(CBO_VARIANTS)}")
+    if s["default"] not in s["variants"]:
+        raise ValueError(f"the default variant {s['default']!r} must be one of the profile's variants")
+    if not 0 < s["rerank_samples"] < s["samples"]:
+        raise ValueError("rerank_samples must be between 1 and samples − 1 (the held-out part of the calibration)")
+    return s
+
+
+# ----------------------------------------------------------------------------------------------- gradients
+def _gradients(model, calib, out: Path, kind: str, M: int, s: dict, seed: int, exact: int = 0):
+    """Cached gate gradients of one kind on ``calib`` (``dense`` or ``stochastic`` for removals of 0..M)."""
+    from .hessian import collect_gate_gradients, load_gradients
+
+    tag = "dense" if kind == "dense" else f"stochastic_M{M}"
+    path = out / f"gradients_{tag}_{len(calib)}.safetensors"
+    params = {"kind": kind, "M": M if kind != "dense" else None, "calibration_sha256": calib.sha256,
+              "points_per_sample": s["points_per_sample"] if kind != "dense" else 1, "seed": seed,
+              "exact_hessian_samples": exact, "batch_size": s["batch_size"]}
+    if path.is_file() and read_json(sidecar_path(path)).get("parameters") == params:
+        return load_gradients(path), path.name
+    kw = {}
+    if kind != "dense":
+        kw = {"random_removal": (0, M), "points_per_sample": s["points_per_sample"], "seed": seed}
+    res = collect_gate_gradients(model, calib, batch_size=s["batch_size"], exact_hessian_samples=exact,
+                                 checkpoint=out / f"{path.stem}.partial", **kw)
+    res.save(path, {"parameters": params})
+    return res, path.name
+
+
+# ----------------------------------------------------------------------------------------------- selection
+def _select_cbo(model, calib, heldout, fit, out: Path, v: CBOVariant, M: int, s: dict, seed: int) -> dict:
+    """Run one CBO variant; returns a selections row (plus ``states`` with the variant's lowest states)."""
+    from .variants import cbo_states, iterative_cbo, rerank_states
+
+    t0 = time.perf_counter()
+    data = fit if v.uses_heldout else calib
+    if v.iterative_step:
+        r = iterative_cbo(model, data, M, step=v.iterative_step, energy=v.energy, protect_ends=v.protect_ends,
+                          batch_size=s["batch_size"])
+        return {"removed": r.removed, "energy": None, "selection_seconds": time.perf_counter() - t0,
+                "gradient_seconds": r.gradient_seconds, "states": None,
+                "detail": json.dumps([st["added"] for st in r.steps])}
+    grads, gfile = _gradients(model, data, out, v.gradients, M, s, seed,
+                       exact=s["exact_hessian_samples"] if v.hessian == "exact" else 0)
+    grad_s = float(grads.meta.get("seconds_gradients", 0.0)) + float(grads.meta.get("seconds_exact_hessian", 0.0))
+    t1 = time.perf_counter()
+    k = max(v.rerank, s["spearman"]["lowest"] if v.name in s["spearman"]["variants"] else 1, 1)
+    states = cbo_states(grads, M, k=k, energy=v.energy, hessian=v.hessian, protect_ends=v.protect_ends,
+                        seed=seed)
+    solve_s = time.perf_counter() - t1
+    rerank_s, detail = 0.0, ""
+    best = parse_blocks(states.iloc[0]["removed_blocks"])
+    energy = float(states.iloc[0]["energy"])
+    if v.rerank:
+        rr = rerank_states(model, states, heldout, K=v.rerank, objective=v.objective, progress=False)
+        best = rr.best
+        row = rr.table[rr.table["removed_blocks"] == format_blocks(best)].iloc[0]
+        energy = float(row["energy"])
+        rerank_s = rr.seconds
+        detail = f"picked energy rank {int(row['rank'])} of {v.rerank}"
+    return {"removed": best, "energy": energy, "selection_seconds": grad_s + solve_s + rerank_s,
+            "gradient_seconds": grad_s, "solve_seconds": solve_s, "rerank_seconds": rerank_s, "states": states,
+            "detail": detail, "gradients_file": gfile}
+
+
+def _select_baseline(model, calib, name: str, M: int, s: dict, seed: int | None = None) -> dict:
+    from .baselines import run_baseline
+
+    kw: dict[str, Any] = {"seed": seed} if name == "random" else {}
+    if name not in ("random", "tail"):
+        kw["batch_size"] = s["batch_size"]
+    sel = run_baseline(name, model, calib, M, **kw)
+    return {"removed": sel.removed, "energy": None, "selection_seconds": sel.seconds, "selection": sel,
+            "relative": " ".join(map(str, sel.relative)) if sel.relative else "",
+            "detail": json.dumps({k: v for k, v in sel.meta.items() if k in ("prefix_cache", "threshold",
+                                                                             "block_calls", "windows")},
+                                 default=str)}
+
+
+# ------------------------------------------------------------------------------------------------- running
+def _slug(model: str) -> str:
+    return model.replace("/", "__")
+
+
+def _done(table: Path, **key) -> pd.DataFrame:
+    if not table.is_file():
+        return pd.DataFrame()
+    df = pd.read_csv(table)
+    for k, v in key.items():
+        if k not in df.columns:
+            return df.iloc[0:0]
+        df = df[df[k].astype(str) == str(v)]
+    return df
+
+
+def run_compare(profile: str, results: Path | None = None, models: Sequence[str] | None = None,
+                M_values: Sequence[int] | None = None, stages: Sequence[str] = ("select", "evaluate", "correlate",
+                                                                                  "efficiency", "report"),
+                progress: bool = True) -> Path:
+    """Run the comparison for ``profile`` into ``results/<profile>/``; returns the report path."""
+    import torch
+
+    from .calibration import load_calibration
+    from .models import load_model
+    from .pipeline import _m_values, load_profile
+    from .results import add_evaluations, add_selections
+
+    cfg = load_profile(profile)
+    s = compare_settings(cfg)
+    if s["threads"]:
+        torch.set_num_threads(int(s["threads"]))
+    results = Path(results or ROOT / "results" / cfg["profile"])
+    results.mkdir(parents=True, exist_ok=True)
+    seed = int(cfg.get("seed", 0))
+    for model_name in models or s.get("models") or cfg["models"]:
+        out = results / _slug(model_name) / "compare"
+        out.mkdir(parents=True, exist_ok=True)
+        model, tok = load_model(model_name, dtype=cfg["dtype"], device_map=cfg.get("device_map"))
+        model.eval()
+        calib = load_calibration(cfg["calibration"], tok, samples=s["samples"], max_tokens=s["max_tokens"])
+        n_fit = s["samples"] - s["rerank_samples"]
+        fit = type(calib)(calib.samples[:n_fit], {**calib.recipe, "part": f"windows 0..{n_fit - 1} (gradients)"})
+        heldout = type(calib)(calib.samples[n_fit:], {**calib.recipe,
+                                                      "part": f"windows {n_fit}..{len(calib) - 1} (re-ranking)"})
+        Ms = list(M_values or _m_values(cfg, model_name))
+        base = {"model": model_name, "calibration_tokens": calib.tokens, "calibration_sha256": calib.sha256}
+        if "select" in stages:
+            for M in Ms:
+                _run_selections(model, calib, fit, heldout, out, M, s, seed, base, results, progress)
+        sels = _done(results / "selections.csv", model=model_name)
+        if "evaluate" in stages:
+            _run_evaluations(model, tok, sels[sels["M"].isin(Ms)], s, results, model_name, progress)
+        if "correlate" in stages:
+            _run_correlations(model, tok, out, Ms, s, results, model_name, progress)
+        if "efficiency" in stages:
+            _run_efficiency(model, tok, sels[sels["M"].isin(Ms)], s, results, out, model_name)
+        del model
+    add_selections, add_evaluations  # noqa: B018 - imported for the helpers below
+    path = results / "comparison.md"
+    if "report" in stages:
+        path = write_report(results, cfg["profile"], s)
+    return path
+
+
+def _run_selections(model, calib, fit, heldout, out, M, s, seed, base, results, progress) -> None:
+    from .results import add_selections
+    from .solvers import write_states_csv
+
+    table = results / "selections.csv"
+    jobs: list[tuple[str, Any]] = [(b, None) for b in s["baselines"]]
+    jobs += [("random", sd) for sd in s["random_seeds"]]
+    jobs += [(v, "cbo") for v in s["variants"]]
+    for name, arg in jobs:
+        seed_col = arg if name == "random" else seed
+        prev = _done(table, model=base["model"], method=name, M=M, seed=seed_col)
+        if len(prev) and str(prev.iloc[0].get("calibration_sha256")) == base["calibration_sha256"]:
+            continue
+        if arg == "cbo":
+            v = get_variant(name)
+            if v.hessian == "exact" and not s["exact_hessian_samples"]:
+                print(f"  [{base['model']}] M={M} {name}: skipped (compare.exact_hessian_samples is 0)")
+                continue
+            r = _select_cbo(model, calib, heldout, fit, out, v, M, s, seed)
+            if r.get("states") is not None:
+                write_states_csv(r["states"], out / f"states_{name}_M{M}.csv")
+            tokens = calib.tokens
+        else:
+            try:
+                r = _select_baseline(model, calib, name, M, s, arg)
+            except ValueError as exc:  # a method that does not apply to this model/M (e.g. Taylor+ on 6 blocks)
+                _note_skipped(results, base["model"], name, M, str(exc))
+                print(f"  [{base['model']}] M={M} {name}: not applicable — {exc}")
+                continue
+            tokens = calib.tokens if name not in ("random", "tail") else 0
+        row = {**base, "method": name, "M": M, "removed_blocks": format_blocks(r["removed"]),
+               "energy": r.get("energy"), "selection_seconds": round(float(r["selection_seconds"]), 3),
+               "calibration_tokens": tokens, "seed": seed_col, "relative_blocks": r.get("relative", ""),
+               "gradient_seconds": r.get("gradient_seconds"), "solve_seconds": r.get("solve_seconds"),
+               "rerank_seconds": r.get("rerank_seconds"), "gradients_file": r.get("gradients_file", ""),
+               "detail": r.get("detail", "")}
+        add_selections(results, [row])
+        if progress:
+            print(f"  [{base['model']}] select M={M} {name:28s} {row['removed_blocks']:40s} "
+                  f"{row['selection_seconds']:8.1f} s",
+                  flush=True)
+
+
+def _note_skipped(results: Path, model: str, method: str, M: int, reason: str) -> None:
+    path = results / "skipped.json"
+    notes = read_json(path) if path.is_file() else []
+    notes = [n for n in notes if (n["model"], n["method"], n["M"]) != (model, method, M)]
+    write_json(path, notes + [{"model": model, "method": method, "M": M, "reason": reason}])
+
+
+def _evaluation_model(model, row):
+    """The model to evaluate for a selection row and the gated removal to apply (SWM: its merged copy)."""
+    if row["method"] == "sliding_window_merging":
+        from .baselines import Selection, build_swm_model
+
+        detail = json.loads(row["detail"]) if isinstance(row.get("detail"), str) and row["detail"] else {}
+        windows = detail.get("windows")
+        windows = json.loads(windows) if isinstance(windows, str) else windows
+        sel = Selection("sliding_window_merging", int(row["M"]), parse_blocks(row["removed_blocks"]),
+                        meta={"windows": windows})
+        return build_swm_model(model, sel), None
+    return model, parse_blocks(row["removed_blocks"])
+
+
+def _state_label(row) -> str:
+    return f"seed{int(row['seed'])}" if row["method"] == "random" else "selected"
+
+
+def _run_evaluations(model, tok, sels: pd.DataFrame, s: dict, results: Path, model_name: str, progress) -> None:
+    from .calibration import heldout_text
+    from .evaluate import perplexity, perplexity_windows
+    from .lmeval import evaluate_tasks, lm_eval_version, task_split
+    from .results import _key_text, add_evaluations
+
+    table = results / "evaluations.csv"
+    windows = perplexity_windows(tok, heldout_text(), seq_len=s["ppl_seq_len"], windows=s["ppl_windows"])
+    rows = [{"method": "dense", "M": 0, "removed_blocks": "", "seed": 0}] + sels.to_dict("records")
+    version = lm_eval_version()
+    for row in rows:
+        label = "selected" if row["method"] == "dense" else _state_label(row)
+        key = {"model": model_name, "method": row["method"], "M": int(row["M"]), "state": label}
+        done = _done(table, **key, retrained=False)
+        have = {(t, _key_text(lim)) for t, lim in zip(done.get("task", []), done.get("limit", []))}
+        m, removed = _evaluation_model(model, row) if row["method"] != "dense" else (model, None)
+        common = {**key, "retrained": False, "removed_blocks": row.get("removed_blocks", "")}
+        measured = False
+        if ("heldout_ppl", "") not in have:
+            t0 = time.perf_counter()
+            p = perplexity(m, windows, removed=removed or None)
+            add_evaluations(results, [{**common, "task": "heldout_ppl", "metric": "perplexity",
+                                       "value": p["perplexity"], "stderr": None, "n": p["tokens"], "limit": None,
+                                       "lm_eval_version": None, "split": "boolq passages",
+                                       "seconds": round(time.perf_counter() - t0, 2)}])
+            measured = True
+        todo = [t for t in s["tasks"] if (t, _key_text(s["limit"])) not in have]
+        if todo:
+            t0 = time.perf_counter()
+            res = evaluate_tasks(m, tok, todo, limit=s["limit"], removed=removed or None,
+                                 source=s["task_source"])
+            secs = round(time.perf_counter() - t0, 2)
+            add_evaluations(results, [{**common, **r, "limit": s["limit"], "lm_eval_version": version,
+                                       "split": r.get("split") or task_split(r["task"], s["task_source"]),
+                                       "seconds": secs} for r in res if r["task"] in todo])
+            measured = True
+        if progress and measured:
+            print(f"  [{model_name}] evaluated {row['method']} M={row['M']} {label}", flush=True)
+        del m
+
+
+def _run_correlations(model, tok, out: Path, Ms, s, results: Path, model_name: str, progress) -> None:
+    from .calibration import heldout_text
+    from .evaluate import perplexity, perplexity_windows
+    from .hessian import load_gradients
+    from .ising import energies, quadratic_form
+    from .results import upsert_rows
+    from .solvers import read_states_csv
+    from .variants import random_feasible_sets, spearman
+
+    windows = perplexity_windows(tok, heldout_text(), seq_len=s["ppl_seq_len"], windows=s["ppl_windows"])
+    sp = s["spearman"]
+    table = results / "state_perplexities.csv"
+    cols = ["model", "variant", "M", "kind", "rank", "removed_blocks", "energy", "perplexity"]
+    key = ["model", "variant", "M", "removed_blocks"]
+    corr_rows = []
+    for M in Ms:
+        for name in sp["variants"]:
+            f = out / f"states_{name}_M{M}.csv"
+            if not f.is_file():
+                continue
+            states = read_states_csv(f).head(sp["lowest"])
+            v = get_variant(name)
+            sel = _done(results / "selections.csv", model=model_name, method=name, M=M)
+            grads = load_gradients(out / sel["gradients_file"].iloc[0])
+            N = grads.N
+            rand = random_feasible_sets(N, M, sp["random"], seed=1000 + M, keep=[0, N - 1] if v.protect_ends else [])
+            X = np.zeros((len(rand), N))
+            for j, r in enumerate(rand):
+                X[j, r] = 1
+            Q, const = quadratic_form(grads.H.numpy(), grads.g.numpy() if v.energy == "taylor" else None, v.energy)
+            e_rand = energies(Q, X, const)
+            cand = [("lowest", int(r["rank"]), r["removed_blocks"], float(r["energy"])) for _, r in states.iterrows()]
+            cand += [("random", j, format_blocks(r), float(e)) for j, (r, e) in enumerate(zip(rand, e_rand))]
+            done = _done(table, model=model_name, variant=name, M=M)
+            have = dict(zip(done.get("removed_blocks", []), done.get("perplexity", [])))
+            new = []
+            for kind, rank, blocks, e in cand:
+                if blocks in have:
+                    continue
+                p = perplexity(model, windows, removed=parse_blocks(blocks))["perplexity"]
+                have[blocks] = p
+                new.append({"model": model_name, "variant": name, "M": M, "kind": kind, "rank": rank,
+                            "removed_blocks": blocks, "energy": e, "perplexity": p})
+                if len(new) >= 10:
+                    upsert_rows(table, new, cols, key)
+                    new = []
+            if new:
+                upsert_rows(table, new, cols, key)
+            es = np.array([c[3] for c in cand])
+            ps = np.array([have[c[2]] for c in cand])
+            corr_rows.append({"model": model_name, "variant": name, "M": M, "states": len(cand),
+                              "lowest": sum(c[0] == "lowest" for c in cand),
+                              "random": sum(c[0] == "random" for c in cand),
+                              "spearman_energy_vs_log_ppl": spearman(es, np.log(ps)),
+                              "spearman_lowest_only": spearman(es[:len(states)], np.log(ps[:len(states)]))
+                              if len(states) > 2 else float("nan")})
+            if progress:
+                print(f"  [{model_name}] M={M} {name}: Spearman ρ(energy, ppl) = "
+                      f"{corr_rows[-1]['spearman_energy_vs_log_ppl']:.3f} over {len(cand)} states", flush=True)
+    if corr_rows:
+        upsert_rows(results / "correlations.csv", corr_rows, list(corr_rows[0]), ["model", "variant", "M"])
+
+
+def _run_efficiency(model, tok, sels: pd.DataFrame, s, results: Path, out: Path, model_name: str) -> None:
+    import copy
+
+    from .export import export_pruned
+    from .results import add_evaluations, measure_checkpoint
+
+    table = results / "evaluations.csv"
+    dense_dir = out / "dense"
+    todo = [("dense", 0, None, dense_dir)]
+    for _, r in sels[sels["method"] == s["default"]].iterrows():
+        todo.append((s["default"], int(r["M"]), parse_blocks(r["removed_blocks"]), out / f"pruned_M{int(r['M'])}"))
+    for method, M, removed, folder in todo:
+        if len(_done(table, model=model_name, method=method, M=M, state="selected", task="efficiency")):
+            continue
+        if removed is None:
+            if not (folder / "config.json").is_file():
+                model.save_pretrained(folder)
+                tok.save_pretrained(folder)
+        else:
+            export_pruned(copy.deepcopy(model), tok, removed, folder, method=method, source=model_name,
+                          overwrite=True)
+        m = measure_checkpoint(folder, threads=s["threads"])
+        add_evaluations(results, [{"model": model_name, "method": method, "M": M, "state": "selected",
+                                   "task": "efficiency", "metric": k, "value": m[k], "stderr": None, "n": None,
+                                   "limit": None, "retrained": False, "lm_eval_version": None,
+                                   "removed_blocks": format_blocks(removed or []),
+                                   "detail": f"prompt {m['prompt_len']}, generate {m['gen_len']}, "
+                                             f"{m['threads']} threads, CPU float32"}
+                                  for k in ("parameters", "peak_rss_gb", "prefill_tokens_per_s",
+                                            "generate_tokens_per_s")])
+
+
+# -------------------------------------------------------------------------------------------------- report
+def comparison_table(results: Path, metric_tasks: Sequence[str]) -> pd.DataFrame:
+    """Method × M: held-out perplexity, each task's accuracy (acc_norm for hellaswag/arc_challenge), the zero-shot
+    mean, selection seconds. Random seeds are averaged (``random (mean of n)``)."""
+    from .lmeval import ZERO_SHOT_METRIC
+
+    ev = pd.read_csv(results / "evaluations.csv")
+    ev = ev[~ev["retrained"].astype(str).str.lower().eq("true")]
+    sel = pd.read_csv(results / "selections.csv") if (results / "selections.csv").is_file() else pd.DataFrame()
+    recs = []
+    for (model, method, M), grp in ev.groupby(["model", "method", "M"]):
+        rec: dict[str, Any] = {"model": model, "method": method, "M": int(M)}
+        ppl = grp[(grp["task"] == "heldout_ppl")]["value"]
+        rec["heldout_ppl"] = float(np.exp(np.log(ppl.astype(float)).mean())) if len(ppl) else np.nan
+        accs = []
+        for t in metric_tasks:
+            mt = ZERO_SHOT_METRIC.get(t, "acc")
+            v = grp[(grp["task"] == t) & (grp["metric"] == mt)]["value"].astype(float)
+            rec[f"{t}/{mt}"] = float(v.mean()) if len(v) else np.nan
+            accs.append(rec[f"{t}/{mt}"])
+        rec["zero_shot_mean"] = float(np.mean(accs)) if accs and not np.isnan(accs).any() else np.nan
+        if len(sel):
+            ss = sel[(sel["model"] == model) & (sel["method"] == method) & (sel["M"] == M)]
+            rec["removed_blocks"] = ss["removed_blocks"].iloc[0] if len(ss) == 1 else (
+                f"{len(ss)} seeds" if len(ss) else "")
+            rec["selection_seconds"] = float(ss["selection_seconds"].mean()) if len(ss) else np.nan
+        recs.append(rec)
+    return pd.DataFrame(recs).sort_values(["model", "M", "heldout_ppl"]).reset_index(drop=True)
+
+
+def write_report(results: Path, profile: str, s: dict) -> Path:
+    from .artifacts import atomic_write_text
+
+    lines = [f"# Comparison — profile `{profile}`", "",
+             f"Generated by `python -m cbo_utils.compare --profile {profile}` from `evaluations.csv` and "
+             "`selections.csv`. No retraining. Held-out perplexity: BoolQ Wikipedia passages, "
+             f"{s['ppl_windows']} × {s['ppl_seq_len']} tokens. Zero-shot: lm-eval ({s['task_source']} tasks), first "
+             f"{s['limit']} items of each task, acc_norm for hellaswag/arc_challenge, acc otherwise. Calibration: "
+             f"{s['samples']} windows × {s['max_tokens']} tokens for every method (CBO re-ranking variants take "
+             f"gradients on the first {s['samples'] - s['rerank_samples']} and re-rank on the last "
+             f"{s['rerank_samples']}). Default CBO variant: `{s['default']}`.", ""]
+    if (results / "evaluations.csv").is_file():
+        tab = comparison_table(results, s["tasks"])
+        for (model, M), grp in tab.groupby(["model", "M"]):
+            lines += [f"## {model}, M = {M}", "", _markdown(grp.drop(columns=["model", "M"])), ""]
+    if (results / "skipped.json").is_file():
+        lines += ["## Not applicable", ""] + [f"- {n['model']}, M = {n['M']}, {n['method']}: {n['reason']}"
+                                              for n in read_json(results / "skipped.json")] + [""]
+    if (results / "correlations.csv").is_file():
+        lines += ["## Energy vs held-out perplexity (Spearman ρ)", "",
+                  _markdown(pd.read_csv(results / "correlations.csv")), ""]
+    return atomic_write_text(results / "comparison.md", "\n".join(lines) + "\n")
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    def fmt(x):
+        if isinstance(x, float):
+            if math.isnan(x):
+                return "—"
+            return f"{x:.4g}" if abs(x) < 1e4 else f"{x:.3g}"
+        return str(x)
+
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    sep = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(fmt(x) for x in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, sep, *body])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default="mini")
+    ap.add_argument("--results", default=None)
+    ap.add_argument("--models", nargs="*", default=None)
+    ap.add_argument("--M", nargs="*", type=int, default=None)
+    ap.add_argument("--stages", nargs="*", default=["select", "evaluate", "correlate", "efficiency", "report"])
+    args = ap.parse_args(argv)
+    path = run_compare(args.profile, Path(args.results) if args.results else None, args.models, args.M, args.stages)
+    print(f"report: {path}")
+    return 0
+
+
+__all__ = ["CBOVariant", "CBO_VARIANTS", "DEFAULT_VARIANT", "comparison_table", "compare_settings", "get_variant",
+           "run_compare", "write_report"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The comparison harness end to end on the tiny profile, checked against independent recomputation."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cbo_utils import compare
+from cbo_utils.artifacts import parse_blocks
+from cbo_utils.baselines import calibration_nll
+from cbo_utils.calibration import embedded, heldout_text
+from cbo_utils.evaluate import perplexity, perplexity_windows
+from cbo_utils.pipeline import load_profile
+from cbo_utils.tiny import build_tiny
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp")
+    compare.run_compare("tiny", out, M_values=[2], progress=False)
+    return out
+
+
+def test_tables_have_every_method(run):
+    sel = pd.read_csv(run / "selections.csv")
+    s = compare.compare_settings(load_profile("tiny"))
+    skipped = {n["method"]: n["reason"] for n in json.loads((run / "skipped.json").read_text())}
+    assert set(skipped) == {"taylor_plus"} and "may only remove" in skipped["taylor_plus"]  # 6 blocks, 4 + 2 kept
+    want = (set(s["baselines"]) | set(s["variants"]) | {"random"}) - set(skipped)
+    assert set(sel["method"]) == want
+    assert (sel["removed_blocks"].map(lambda b: len(parse_blocks(b))) == 2).all()
+    assert (sel["selection_seconds"] >= 0).all()
+    assert len(sel[sel["method"] == "random"]) == 2
+    ev = pd.read_csv(run / "evaluations.csv")
+    for method in want | {"dense"}:
+        got = ev[(ev["method"] == method) & (ev["task"] != "efficiency")]
+        assert {"heldout_ppl", "arc_easy", "piqa"} <= set(got["task"]), method
+    acc = ev[(ev["task"] == "piqa") & (ev["metric"] == "acc")]
+    assert acc["value"].between(0, 1).all() and (acc["limit"] == 4).all() and (acc["n"] == 4).all()
+    report = (run / "comparison.md").read_text()
+    assert "M = 2" in report and "cbo-sd-rerank" in report
+
+
+def test_perplexity_rows_match_independent_computation(run):
+    model, tok = build_tiny("tiny-llama")
+    ev = pd.read_csv(run / "evaluations.csv")
+    win = perplexity_windows(tok, heldout_text(), seq_len=64, windows=4)
+    row = ev[(ev["method"] == "block_influence") & (ev["task"] == "heldout_ppl")].iloc[0]
+    removed = parse_blocks(row["removed_blocks"])
+    from cbo_utils.blocks import remove_blocks
+
+    remove_blocks(model, removed)  # physical removal: must equal the gated evaluation the harness did
+    assert perplexity(model, win)["perplexity"] == pytest.approx(row["value"], rel=1e-5)
+
+
+def test_rerank_picks_lowest_heldout_loss(run):
+    """The re-ranked variant's pick has the lowest held-out calibration loss among the K states it saw."""
+    model, tok = build_tiny("tiny-llama")
+    sel = pd.read_csv(run / "selections.csv")
+    calib = embedded(tok, samples=8, max_tokens=64)
+    held = calib.samples[6:]
+    states = pd.read_csv(run / "tiny-llama" / "compare" / "states_cbo-sd-rerank_M2.csv")
+    scores = [calibration_nll(model, held, removed=parse_blocks(b)) for b in states["removed_blocks"].head(20)]
+    picked = sel[(sel["method"] == "cbo-sd-rerank")]["removed_blocks"].iloc[0]
+    assert states["removed_blocks"].iloc[int(np.argmin(scores))] == picked
+
+
+def test_correlations_and_resume(run, capsys):
+    corr = pd.read_csv(run / "correlations.csv")
+    assert set(corr["variant"]) == {"cbo-paper", "cbo-sd"}
+    assert (corr["states"] == 10).all() and corr["spearman_energy_vs_log_ppl"].between(-1, 1).all()
+    ppl = pd.read_csv(run / "state_perplexities.csv")
+    assert len(ppl) >= 10 and (ppl["perplexity"] > 1).all() and not ppl["perplexity"].map(math.isnan).any()
+    before = (run / "evaluations.csv").read_text()
+    sel_before = pd.read_csv(run / "selections.csv")
+    compare.run_compare("tiny", run, M_values=[2], progress=True, stages=("select", "evaluate", "correlate"))
+    out = capsys.readouterr().out
+    assert "select M=" not in out and "evaluated" not in out  # nothing reselected or re-evaluated
+    assert (run / "evaluations.csv").read_text() == before
+    pd.testing.assert_frame_equal(pd.read_csv(run / "selections.csv"), sel_before)
+
+
+def test_efficiency_rows(run):
+    ev = pd.read_csv(run / "evaluations.csv")
+    eff = ev[ev["task"] == "efficiency"]
+    dense = eff[(eff["method"] == "dense") & (eff["metric"] == "parameters")]["value"].iloc[0]
+    pruned = eff[(eff["method"] == compare.DEFAULT_VARIANT) & (eff["metric"] == "parameters")]["value"].iloc[0]
+    assert pruned < dense
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(run / "tiny-llama" / "compare" / "pruned_M2")
+    N = build_tiny("tiny-llama")[0].config.num_hidden_layers
+    assert sum(p.numel() for p in m.parameters()) == pruned and m.config.num_hidden_layers == N - 2
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="unknown CBO variants"):
+        compare.compare_settings({"compare": {"variants": ["nope"]}})
+    with pytest.raises(ValueError, match="rerank_samples"):
+        compare.compare_settings({"compare": {"samples": 4, "rerank_samples": 4}})
