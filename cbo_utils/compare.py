@@ -31,7 +31,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,9 @@ DEFAULTS: dict[str, Any] = {
                   "one_shot_perplexity", "taylor_plus", "sleb", "sliding_window_merging"],
     "random_seeds": [0, 1, 2],
     "variants": list(CBO_VARIANTS), "default": DEFAULT_VARIANT, "exact_hessian_samples": 0,
-    "points_per_sample": 2, "spearman": {"lowest": 30, "random": 20, "variants": ["cbo-paper", "cbo-sd"]},
+    "points_per_sample": 2,
+    "spearman": {"lowest": 30, "random": 20, "variants": ["cbo-paper", "cbo-taylor", "cbo-sd"], "ppl_windows": 8},
+    "zero_shot_methods": "all",
     "threads": None, "models": None,
 }
 
@@ -354,7 +356,10 @@ def _run_evaluations(model, tok, sels: pd.DataFrame, s: dict, results: Path, mod
                                        "lm_eval_version": None, "split": "boolq passages",
                                        "seconds": round(time.perf_counter() - t0, 2)}])
             measured = True
+        zs = s["zero_shot_methods"]
         todo = [t for t in s["tasks"] if (t, _key_text(s["limit"])) not in have]
+        if zs != "all" and row["method"] not in set(zs) | {"dense"}:
+            todo = []
         if todo:
             t0 = time.perf_counter()
             res = evaluate_tasks(m, tok, todo, limit=s["limit"], removed=removed or None,
@@ -370,6 +375,9 @@ def _run_evaluations(model, tok, sels: pd.DataFrame, s: dict, results: Path, mod
 
 
 def _run_correlations(model, tok, out: Path, Ms, s, results: Path, model_name: str, progress) -> None:
+    """Spearman ρ(energy, log held-out perplexity) per M and energy variant over the variant's ``lowest`` states and
+    ``random`` random feasible states (the same random states for every variant of one M). Perplexities are cached
+    per state in ``state_perplexities.csv`` (a state shared by two variants is measured once)."""
     from .calibration import heldout_text
     from .evaluate import perplexity, perplexity_windows
     from .hessian import load_gradients
@@ -378,56 +386,59 @@ def _run_correlations(model, tok, out: Path, Ms, s, results: Path, model_name: s
     from .solvers import read_states_csv
     from .variants import random_feasible_sets, spearman
 
-    windows = perplexity_windows(tok, heldout_text(), seq_len=s["ppl_seq_len"], windows=s["ppl_windows"])
     sp = s["spearman"]
-    table = results / "state_perplexities.csv"
-    cols = ["model", "variant", "M", "kind", "rank", "removed_blocks", "energy", "perplexity"]
-    key = ["model", "variant", "M", "removed_blocks"]
-    corr_rows = []
+    windows = perplexity_windows(tok, heldout_text(), seq_len=s["ppl_seq_len"], windows=sp["ppl_windows"])
+    ppl_table = results / "state_perplexities.csv"
+    ppl_cols = ["model", "M", "removed_blocks", "perplexity", "windows", "seq_len"]
+    ppl_key = ["model", "M", "removed_blocks"]
+    corr_rows, energy_rows = [], []
     for M in Ms:
+        done = _done(ppl_table, model=model_name, M=M)
+        have = dict(zip(done.get("removed_blocks", []), done.get("perplexity", [])))
         for name in sp["variants"]:
             f = out / f"states_{name}_M{M}.csv"
-            if not f.is_file():
-                continue
-            states = read_states_csv(f).head(sp["lowest"])
-            v = get_variant(name)
             sel = _done(results / "selections.csv", model=model_name, method=name, M=M)
+            if not f.is_file() or not len(sel):
+                continue
+            v = get_variant(name)
+            states = read_states_csv(f).head(sp["lowest"])
             grads = load_gradients(out / sel["gradients_file"].iloc[0])
-            N = grads.N
-            rand = random_feasible_sets(N, M, sp["random"], seed=1000 + M, keep=[0, N - 1] if v.protect_ends else [])
-            X = np.zeros((len(rand), N))
+            rand = random_feasible_sets(grads.N, M, sp["random"], seed=1000 + M)
+            X = np.zeros((len(rand), grads.N))
             for j, r in enumerate(rand):
                 X[j, r] = 1
             Q, const = quadratic_form(grads.H.numpy(), grads.g.numpy() if v.energy == "taylor" else None, v.energy)
-            e_rand = energies(Q, X, const)
             cand = [("lowest", int(r["rank"]), r["removed_blocks"], float(r["energy"])) for _, r in states.iterrows()]
-            cand += [("random", j, format_blocks(r), float(e)) for j, (r, e) in enumerate(zip(rand, e_rand))]
-            done = _done(table, model=model_name, variant=name, M=M)
-            have = dict(zip(done.get("removed_blocks", []), done.get("perplexity", [])))
+            cand += [("random", j, format_blocks(r), float(e)) for j, (r, e) in enumerate(zip(rand, energies(Q, X,
+                                                                                                            const)))]
             new = []
-            for kind, rank, blocks, e in cand:
+            for _kind, _rank, blocks, _e in cand:
                 if blocks in have:
                     continue
                 p = perplexity(model, windows, removed=parse_blocks(blocks))["perplexity"]
                 have[blocks] = p
-                new.append({"model": model_name, "variant": name, "M": M, "kind": kind, "rank": rank,
-                            "removed_blocks": blocks, "energy": e, "perplexity": p})
-                if len(new) >= 10:
-                    upsert_rows(table, new, cols, key)
+                new.append({"model": model_name, "M": M, "removed_blocks": blocks, "perplexity": p,
+                            "windows": sp["ppl_windows"], "seq_len": s["ppl_seq_len"]})
+                if len(new) >= 10:  # keep what was measured if the run is interrupted
+                    upsert_rows(ppl_table, new, ppl_cols, ppl_key)
                     new = []
             if new:
-                upsert_rows(table, new, cols, key)
+                upsert_rows(ppl_table, new, ppl_cols, ppl_key)
+            energy_rows += [{"model": model_name, "variant": name, "M": M, "kind": k, "rank": r, "removed_blocks": b,
+                             "energy": e, "perplexity": have[b]} for k, r, b, e in cand]
             es = np.array([c[3] for c in cand])
-            ps = np.array([have[c[2]] for c in cand])
-            corr_rows.append({"model": model_name, "variant": name, "M": M, "states": len(cand),
-                              "lowest": sum(c[0] == "lowest" for c in cand),
-                              "random": sum(c[0] == "random" for c in cand),
-                              "spearman_energy_vs_log_ppl": spearman(es, np.log(ps)),
-                              "spearman_lowest_only": spearman(es[:len(states)], np.log(ps[:len(states)]))
-                              if len(states) > 2 else float("nan")})
+            lp = np.log(np.array([have[c[2]] for c in cand]))
+            nl = len(states)
+            corr_rows.append({"model": model_name, "variant": name, "M": M, "states": len(cand), "lowest": nl,
+                              "random": len(cand) - nl, "spearman_all": spearman(es, lp),
+                              "spearman_lowest": spearman(es[:nl], lp[:nl]) if nl > 2 else float("nan"),
+                              "spearman_random": spearman(es[nl:], lp[nl:]) if len(cand) - nl > 2 else float("nan")})
             if progress:
-                print(f"  [{model_name}] M={M} {name}: Spearman ρ(energy, ppl) = "
-                      f"{corr_rows[-1]['spearman_energy_vs_log_ppl']:.3f} over {len(cand)} states", flush=True)
+                print(f"  [{model_name}] M={M} {name}: Spearman ρ(energy, log ppl) = "
+                      f"{corr_rows[-1]['spearman_all']:.3f} over {len(cand)} states", flush=True)
+    if energy_rows:
+        upsert_rows(results / "state_energies.csv", energy_rows, list(energy_rows[0]),
+                    ["model", "variant", "M", "removed_blocks"])
     if corr_rows:
         upsert_rows(results / "correlations.csv", corr_rows, list(corr_rows[0]), ["model", "variant", "M"])
 

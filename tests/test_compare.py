@@ -70,9 +70,22 @@ def test_rerank_picks_lowest_heldout_loss(run):
 def test_correlations_and_resume(run, capsys):
     corr = pd.read_csv(run / "correlations.csv")
     assert set(corr["variant"]) == {"cbo-paper", "cbo-sd"}
-    assert (corr["states"] == 10).all() and corr["spearman_energy_vs_log_ppl"].between(-1, 1).all()
+    assert (corr["states"] == 10).all() and corr["spearman_all"].between(-1, 1).all()
     ppl = pd.read_csv(run / "state_perplexities.csv")
-    assert len(ppl) >= 10 and (ppl["perplexity"] > 1).all() and not ppl["perplexity"].map(math.isnan).any()
+    assert (ppl["perplexity"] > 1).all() and not ppl["perplexity"].map(math.isnan).any()
+    assert not ppl["removed_blocks"].duplicated().any()  # one measurement per state
+    en = pd.read_csv(run / "state_energies.csv")
+    rnd = en[en["kind"] == "random"]
+    # the same random states for both variants, each with its own energy recomputed here independently
+    a, b = (rnd[rnd["variant"] == v].sort_values("rank") for v in ("cbo-paper", "cbo-sd"))
+    assert list(a["removed_blocks"]) == list(b["removed_blocks"]) and len(a) == 5
+    from cbo_utils.hessian import load_gradients
+
+    g = load_gradients(run / "tiny-llama" / "compare" / "gradients_dense_8.safetensors")
+    H = g.H.numpy()
+    for _, r in a.iterrows():
+        idx = parse_blocks(r["removed_blocks"])
+        assert r["energy"] == pytest.approx(H[np.ix_(idx, idx)].sum(), rel=1e-9)
     before = (run / "evaluations.csv").read_text()
     sel_before = pd.read_csv(run / "selections.csv")
     compare.run_compare("tiny", run, M_values=[2], progress=True, stages=("select", "evaluate", "correlate"))
