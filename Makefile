@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.cbo-installed
 PROFILE ?= $(shell $(PYTHON) -c "import shutil,subprocess,sys; ok=shutil.which('nvidia-smi') and subprocess.run(['nvidia-smi','-L'],capture_output=True).returncode==0; print('paper' if ok else 'mini')" 2>/dev/null || echo mini)
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: help venv test test-fast lint bench reproduce clean-results
+.PHONY: help venv test test-fast lint bench reproduce compare clean-results
 
 help:  ## list the verbs
 	@echo "cbo_utils — block removal by constrained binary optimisation"
@@ -43,6 +43,10 @@ bench: venv  ## enumeration benchmark: states/s against a naive implementation, 
 reproduce: venv  ## run every stage that exists for PROFILE into results/PROFILE/
 	@echo "profile: $(PROFILE)  (override with PROFILE=tiny|mini|paper; default: paper with a CUDA GPU, else mini)"
 	$(VPY) -m cbo_utils.pipeline --profile $(PROFILE)
+
+compare: venv  ## every baseline and CBO variant, evaluated the same way → results/PROFILE/comparison.md
+	@echo "profile: $(PROFILE)  (override with PROFILE=tiny|mini|paper)"
+	$(OFFLINE) $(VPY) -m cbo_utils.compare --profile $(PROFILE)
 
 clean-results:  ## delete results/ (never the venv or the model cache)
 	rm -rf results

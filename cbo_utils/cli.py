@@ -86,16 +86,44 @@ def cmd_gradients(args) -> int:
     res = collect_gate_gradients(model, calib, batch_size=args.batch_size, response_only=args.response_only,
                                  exact_hessian_samples=args.exact_hessian,
                                  gradient_checkpointing=args.gradient_checkpointing, progress=not args.quiet,
-                                 checkpoint=Path(args.out) / "gradients.partial")
+                                 checkpoint=Path(args.out) / "gradients.partial",
+                                 random_removal=args.random_removal, points_per_sample=args.points_per_sample,
+                                 seed=args.seed)
     rec = gradients_provenance(args.model, calib, args.seed, dtype=args.dtype, samples=args.samples,
                                max_tokens=args.max_tokens, calibration_spec=args.calibration,
                                response_only=args.response_only, exact_hessian=args.exact_hessian,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, random_removal=args.random_removal,
+                               points_per_sample=args.points_per_sample)
     out = res.save(args.out, rec)
     m = res.meta
     print(f"wrote {out} (A {tuple(res.A.shape)}, g, H{', H_exact' if res.H_exact is not None else ''}); "
           f"{m['seconds_gradients']:.1f} s ({m['seconds_per_sample']:.3f} s/sample), "
           f"peak RSS {m['peak_rss_gb']:.2f} GB, mean loss {m['mean_loss']:.4f}")
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    from .artifacts import provenance
+    from .baselines import run_baseline, write_selections_csv
+    from .calibration import load_calibration
+
+    model, tok = _load(args)
+    calib = load_calibration(args.calibration, tok, samples=args.samples, max_tokens=args.max_tokens)
+    name = args.method.strip().lower().replace("-", "_")
+    kw = {"seed": args.seed} if name == "random" else ({} if name == "tail" else {"batch_size": args.batch_size})
+    sel = run_baseline(args.method, model, calib, args.M, **kw)
+    write_selections_csv([sel], args.out, provenance("selection", {"method": sel.method, "M": args.M,
+                                                                   "calibration": calib.describe()}))
+    print(f"{sel.method}: remove {' '.join(map(str, sel.removed))} ({sel.seconds:.1f} s) → {args.out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import run_compare
+
+    stages = args.stages or ("select", "evaluate", "correlate", "efficiency", "report")
+    path = run_compare(args.profile, Path(args.results) if args.results else None, M_values=args.M, stages=stages)
+    print(f"report: {path}")
     return 0
 
 
@@ -190,6 +218,13 @@ def cmd_verify(args) -> int:
     return 0 if rep["ok"] else 1
 
 
+def _range_arg(text: str) -> tuple[int, int]:
+    parts = text.replace("-", ",").split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) > int(parts[1]):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a range LO,HI of block counts (e.g. 0,8)")
+    return int(parts[0]), int(parts[1])
+
+
 # ------------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cbo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -216,7 +251,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the model loads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--random-removal", type=_range_arg, default=None, metavar="LO,HI",
+                   help="stochastic-depth gradients: each row at a random removal of LO..HI blocks (e.g. 0,8 "
+                        "for M = 8); default: all at α = 1, as in the paper")
+    p.add_argument("--points-per-sample", type=_positive, default=1, help="random points per sample (with "
+                   "--random-removal)")
     p.set_defaults(func=cmd_gradients)
+
+    p = sub.add_parser("baseline", help="select M blocks with a baseline method (BI, SLEB, SWM, ...)")
+    _common_model_args(p)
+    p.add_argument("--method", required=True, help="block_influence (bi), block_influence_iterative, norm_ratio, "
+                   "angular_distance, tail, one_shot_perplexity (ppl), taylor_plus, sleb, sliding_window_merging "
+                   "(swm), random")
+    p.add_argument("-M", type=_positive, required=True)
+    p.add_argument("--calibration", default="embedded")
+    p.add_argument("--samples", type=_positive, default=16)
+    p.add_argument("--max-tokens", type=_positive, default=128)
+    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--seed", type=int, default=0, help="for --method random")
+    p.add_argument("--out", required=True, help="selection CSV (one row: removed blocks, order, scores, seconds)")
+    p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("compare", help="every baseline and CBO variant on one profile, evaluated the same way")
+    p.add_argument("--profile", default="mini", help="tiny | mini | paper | a YAML file")
+    p.add_argument("--results", default=None, help="default: results/<profile>/")
+    p.add_argument("-M", nargs="*", type=int, default=None, help="a subset of the profile's M values")
+    p.add_argument("--stages", nargs="*", default=None,
+                   help="select evaluate correlate efficiency report (default: all)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("solve", help="the k lowest-energy removals of exactly M blocks")
     p.add_argument("--hessian", required=True, help="folder or file from `cbo gradients`, or a .pt m×N tensor")

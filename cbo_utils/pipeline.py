@@ -1,8 +1,9 @@
-"""``make reproduce`` for the stages that exist so far: gradients → states → pruned, verified checkpoints.
+"""``make reproduce`` for the stages that exist so far: gradients → states → pruned, verified checkpoints → the
+comparison of every baseline and CBO variant (:mod:`cbo_utils.compare`).
 
 Each stage writes its artifact atomically and is skipped when the artifact already exists with the same
-parameters (an interrupted run resumes from the last complete artifact). The notebooks, the evaluation harness,
-retraining and the figures/tables are not built yet: the run says so at the end.
+parameters (an interrupted run resumes from the last complete artifact). The notebooks, retraining and the
+figures/tables are not built yet: the run says so at the end.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from .artifacts import read_json, sidecar_path, write_json
 ROOT = Path(__file__).resolve().parent.parent
 NOT_YET = [
     "notebooks 01-05 and the papermill graph (issue 5)",
-    "lm-eval benchmarks, baselines and the comparison tables (issue 3)",
     "knowledge-distillation retraining and the Nemotron stand-in (issue 4)",
     "figures and the paper's tables (issue 5)",
 ]
@@ -61,7 +61,10 @@ def _check_reachable(model: str) -> None:
                  "with `huggingface-cli login`, or run PROFILE=mini (CPU, embedded SmolLM2) instead.")
 
 
-def run(profile: str, results: Path | None = None) -> list[Path]:
+def run(profile: str, results: Path | None = None, compare: bool = True) -> list[Path]:
+    """Gradients → states → pruned checkpoints for every model of the profile, then (``compare=True`` and the
+    profile has a ``compare:`` section) the comparison harness: every baseline and CBO variant evaluated the same
+    way (:mod:`cbo_utils.compare`)."""
     from .artifacts import provenance
     from .calibration import load_calibration
     from .export import export_pruned, verify_export
@@ -133,6 +136,12 @@ def run(profile: str, results: Path | None = None) -> list[Path]:
                   f"{rep['ok']})")
             produced.append(pruned)
         print(f"[{model_name}] done in {time.perf_counter() - t0:.1f} s")
+    if compare and cfg.get("compare") is not None:
+        from .compare import run_compare
+
+        print("\n[compare] every baseline and CBO variant on the same calibration, evaluated the same way ...")
+        report = run_compare(profile, results)
+        produced += [report, results / "selections.csv", results / "evaluations.csv", results / "correlations.csv"]
     write_json(results / "reproduce_manifest.json", {"profile": cfg["profile"], "produced": [str(p) for p in produced],
                                                       "not_yet_built": NOT_YET})
     print("\nProduced:")
@@ -146,8 +155,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--profile", default="mini")
     ap.add_argument("--results", default=None)
+    ap.add_argument("--no-compare", dest="compare", action="store_false", help="skip the comparison harness")
     args = ap.parse_args(argv)
-    run(args.profile, Path(args.results) if args.results else None)
+    run(args.profile, Path(args.results) if args.results else None, compare=args.compare)
     return 0
 
 

@@ -103,3 +103,20 @@ def test_hopeless_exact_enumeration_is_refused(tmp_path, capsys):
     assert rc == 2 and "--solver tabu" in capsys.readouterr().err
     assert main(["solve", "--hessian", g, "-M", "30", "--solver", "tabu", "--reads", "2", "--timeout-ms", "50",
                  "-k", "3", "--out", str(tmp_path / "s.csv")]) == 0
+
+
+def test_stochastic_gradients_and_baseline_through_cli(tmp_path, capsys):
+    gdir = tmp_path / "sd"
+    assert main(["gradients", "--model", "tiny-llama", "--out", str(gdir), "--samples", "4", "--max-tokens", "32",
+                 "--random-removal", "1,3", "--points-per-sample", "2", "--quiet"]) == 0
+    res = load_gradients(gdir)
+    pts = res.meta["random_points"]
+    assert res.A.shape == (8, 6) and len(pts) == 8 and all(1 <= len(p) <= 3 for p in pts)
+    sel = tmp_path / "sel.csv"
+    assert main(["baseline", "--model", "tiny-llama", "--method", "sleb", "-M", "2", "--samples", "4",
+                 "--max-tokens", "32", "--out", str(sel)]) == 0
+    row = pd.read_csv(sel).iloc[0]
+    assert row["method"] == "sleb" and len(str(row["removed"]).split()) == 2
+    with pytest.raises(SystemExit):  # argparse rejects a reversed range
+        main(["gradients", "--model", "tiny-llama", "--out", str(gdir), "--random-removal", "3,1"])
+    assert "not a range" in capsys.readouterr().err
