@@ -392,9 +392,12 @@ def _run_correlations(model, tok, out: Path, Ms, s, results: Path, model_name: s
     ppl_cols = ["model", "M", "removed_blocks", "perplexity", "windows", "seq_len"]
     ppl_key = ["model", "M", "removed_blocks"]
     corr_rows, energy_rows = [], []
+    zs = sp.get("zero_shot")  # None, or {tasks: [...], limit: n}: also the zero-shot mean of every state
+    if zs:
+        from .lmeval import evaluate_tasks, zero_shot_mean
     for M in Ms:
         done = _done(ppl_table, model=model_name, M=M)
-        have = dict(zip(done.get("removed_blocks", []), done.get("perplexity", [])))
+        have = {r["removed_blocks"]: r for r in done.to_dict("records")}
         for name in sp["variants"]:
             f = out / f"states_{name}_M{M}.csv"
             sel = _done(results / "selections.csv", model=model_name, method=name, M=M)
@@ -413,32 +416,45 @@ def _run_correlations(model, tok, out: Path, Ms, s, results: Path, model_name: s
                                                                                                             const)))]
             new = []
             for _kind, _rank, blocks, _e in cand:
-                if blocks in have:
+                rec = have.get(blocks)
+                need_zs = bool(zs) and (rec is None or pd.isna(rec.get("zero_shot_mean", np.nan)))
+                if rec is not None and not need_zs:
                     continue
-                p = perplexity(model, windows, removed=parse_blocks(blocks))["perplexity"]
-                have[blocks] = p
-                new.append({"model": model_name, "M": M, "removed_blocks": blocks, "perplexity": p,
-                            "windows": sp["ppl_windows"], "seq_len": s["ppl_seq_len"]})
+                rec = dict(rec or {"model": model_name, "M": M, "removed_blocks": blocks, "windows": sp["ppl_windows"],
+                                   "seq_len": s["ppl_seq_len"],
+                                   "perplexity": perplexity(model, windows, removed=parse_blocks(blocks))["perplexity"]})
+                if need_zs:
+                    rows = evaluate_tasks(model, tok, zs["tasks"], limit=zs.get("limit"), removed=parse_blocks(blocks),
+                                          source=s["task_source"])
+                    rec.update(zero_shot_mean=zero_shot_mean(rows, zs["tasks"]), zero_shot_limit=zs.get("limit"),
+                               zero_shot_tasks=" ".join(zs["tasks"]))
+                have[blocks] = rec
+                new.append(rec)
                 if len(new) >= 10:  # keep what was measured if the run is interrupted
                     upsert_rows(ppl_table, new, ppl_cols, ppl_key)
                     new = []
             if new:
                 upsert_rows(ppl_table, new, ppl_cols, ppl_key)
             energy_rows += [{"model": model_name, "variant": name, "M": M, "kind": k, "rank": r, "removed_blocks": b,
-                             "energy": e, "perplexity": have[b]} for k, r, b, e in cand]
+                             "energy": e, "perplexity": have[b]["perplexity"],
+                             "zero_shot_mean": have[b].get("zero_shot_mean")} for k, r, b, e in cand]
             es = np.array([c[3] for c in cand])
-            lp = np.log(np.array([have[c[2]] for c in cand]))
+            lp = np.log(np.array([float(have[c[2]]["perplexity"]) for c in cand]))
             nl = len(states)
-            corr_rows.append({"model": model_name, "variant": name, "M": M, "states": len(cand), "lowest": nl,
-                              "random": len(cand) - nl, "spearman_all": spearman(es, lp),
-                              "spearman_lowest": spearman(es[:nl], lp[:nl]) if nl > 2 else float("nan"),
-                              "spearman_random": spearman(es[nl:], lp[nl:]) if len(cand) - nl > 2 else float("nan")})
+            row = {"model": model_name, "variant": name, "M": M, "states": len(cand), "lowest": nl,
+                   "random": len(cand) - nl, "spearman_all": spearman(es, lp),
+                   "spearman_lowest": spearman(es[:nl], lp[:nl]) if nl > 2 else float("nan"),
+                   "spearman_random": spearman(es[nl:], lp[nl:]) if len(cand) - nl > 2 else float("nan")}
+            if zs:  # higher accuracy is better: a good energy has a NEGATIVE ρ with accuracy
+                acc = np.array([float(have[c[2]]["zero_shot_mean"]) for c in cand])
+                row["spearman_zero_shot"] = spearman(es, acc)
+            corr_rows.append(row)
             if progress:
                 print(f"  [{model_name}] M={M} {name}: Spearman ρ(energy, log ppl) = "
-                      f"{corr_rows[-1]['spearman_all']:.3f} over {len(cand)} states", flush=True)
+                      f"{row['spearman_all']:.3f} over {len(cand)} states", flush=True)
     if energy_rows:
         upsert_rows(results / "state_energies.csv", energy_rows, list(energy_rows[0]),
-                    ["model", "variant", "M", "removed_blocks"])
+                    ["model", "variant", "M", "kind", "removed_blocks"])
     if corr_rows:
         upsert_rows(results / "correlations.csv", corr_rows, list(corr_rows[0]), ["model", "variant", "M"])
 

@@ -74,6 +74,15 @@ def test_correlations_and_resume(run, capsys):
     ppl = pd.read_csv(run / "state_perplexities.csv")
     assert (ppl["perplexity"] > 1).all() and not ppl["perplexity"].map(math.isnan).any()
     assert not ppl["removed_blocks"].duplicated().any()  # one measurement per state
+    assert ppl["zero_shot_mean"].between(0, 1).all() and (ppl["zero_shot_limit"] == 2).all()
+    en_all = pd.read_csv(run / "state_energies.csv")
+    from cbo_utils.variants import spearman
+
+    for _, c in corr.iterrows():  # ρ recomputed from the per-state table (NaN when the accuracy is constant)
+        e = en_all[(en_all["variant"] == c["variant"]) & (en_all["M"] == c["M"])]
+        for col, y in (("spearman_all", np.log(e["perplexity"])), ("spearman_zero_shot", e["zero_shot_mean"])):
+            want = spearman(e["energy"].to_numpy(), y.to_numpy())
+            assert (math.isnan(want) and math.isnan(c[col])) or c[col] == pytest.approx(want)
     en = pd.read_csv(run / "state_energies.csv")
     rnd = en[en["kind"] == "random"]
     # the same random states for both variants, each with its own energy recomputed here independently
