@@ -420,9 +420,11 @@ def _run_correlations(model, tok, out: Path, Ms, s, results: Path, model_name: s
                 need_zs = bool(zs) and (rec is None or pd.isna(rec.get("zero_shot_mean", np.nan)))
                 if rec is not None and not need_zs:
                     continue
-                rec = dict(rec or {"model": model_name, "M": M, "removed_blocks": blocks, "windows": sp["ppl_windows"],
-                                   "seq_len": s["ppl_seq_len"],
-                                   "perplexity": perplexity(model, windows, removed=parse_blocks(blocks))["perplexity"]})
+                if rec is None:
+                    ppl = perplexity(model, windows, removed=parse_blocks(blocks))["perplexity"]
+                    rec = {"model": model_name, "M": M, "removed_blocks": blocks, "windows": sp["ppl_windows"],
+                           "seq_len": s["ppl_seq_len"], "perplexity": ppl}
+                rec = dict(rec)
                 if need_zs:
                     rows = evaluate_tasks(model, tok, zs["tasks"], limit=zs.get("limit"), removed=parse_blocks(blocks),
                                           source=s["task_source"])
