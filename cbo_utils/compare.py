@@ -41,6 +41,7 @@ import pandas as pd
 from .artifacts import format_blocks, parse_blocks, read_json, sidecar_path, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
+EXACT_LIMIT = 5e9  # above this many states CBO variants use tabu instead of enumeration (as make reproduce does)
 
 
 # ----------------------------------------------------------------------------------------------- variants
@@ -165,8 +166,10 @@ def _select_cbo(model, calib, heldout, fit, out: Path, v: CBOVariant, M: int, s:
     grad_s = float(grads.meta.get("seconds_gradients", 0.0)) + float(grads.meta.get("seconds_exact_hessian", 0.0))
     t1 = time.perf_counter()
     k = max(v.rerank, s["spearman"]["lowest"] if v.name in s["spearman"]["variants"] else 1, 1)
+    free = grads.N - (2 if v.protect_ends else 0)
+    solver = "exact" if math.comb(free, M) <= EXACT_LIMIT else "tabu"  # e.g. M ≥ 16 of Llama-70B's 80 blocks
     states = cbo_states(grads, M, k=k, energy=v.energy, hessian=v.hessian, protect_ends=v.protect_ends,
-                        seed=seed)
+                        seed=seed, solver=solver)
     solve_s = time.perf_counter() - t1
     rerank_s, detail = 0.0, ""
     best = parse_blocks(states.iloc[0]["removed_blocks"])
