@@ -73,9 +73,21 @@ def add_evaluations(results_dir, rows: Iterable[Mapping]) -> pd.DataFrame:
 _MEASURE = r"""
 import json, resource, sys, time, torch
 from transformers import AutoModelForCausalLM
+
+
+def peak_gb():
+    # VmHWM is this process's own high-water mark; ru_maxrss would include the parent's size at fork time on Linux
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 path, prompt_len, gen_len, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 params = sum(p.numel() for p in model.parameters())
 ids = torch.randint(10, model.config.vocab_size - 10, (1, prompt_len), generator=torch.Generator().manual_seed(0))
@@ -85,7 +97,7 @@ with torch.no_grad():
     t0 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False)
     t_gen = time.perf_counter() - t0
-print(json.dumps({"parameters": params, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+print(json.dumps({"parameters": params, "peak_rss_gb": peak_gb(),
                   "prefill_tokens_per_s": prompt_len / t_prefill, "generate_tokens_per_s": gen_len / t_gen,
                   "prompt_len": prompt_len, "gen_len": gen_len, "threads": threads}))
 """

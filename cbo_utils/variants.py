@@ -7,6 +7,13 @@
 - re-ranking (:func:`rerank_states`): measure the K lowest-energy states on *held-out calibration text* (never
   evaluation data) — mean cross-entropy, or KL(dense ‖ pruned) — and pick the best: a rule fixed in advance.
 - iterative (:func:`iterative_cbo`): remove a few blocks, recompute A and H on the shrunken model, repeat.
+- stochastic depth (``cbo-sd`` in :mod:`cbo_utils.compare`; ``collect_gate_gradients(random_removal=(0, M))``):
+  every gradient row is taken at its own random partial removal of 0..M blocks, so H = AᵀA/m is the Fisher
+  averaged over the models met on the way to removing M blocks, not only at the dense model (α = 1). Why: at
+  α = 1 the late blocks of SmolLM2 have small gate gradients, so the paper's Fisher ranks them cheapest, yet
+  removing several of them together is catastrophic (the M = 8 ground state removes 8 of blocks 20–29 → held-out
+  perplexity > 10⁷). Once some blocks are already gone, the remaining blocks' gradients show how much the damaged
+  model relies on them — the same reason iterative methods work, at the cost of one gradient pass.
 """
 
 from __future__ import annotations

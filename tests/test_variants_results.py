@@ -124,7 +124,10 @@ def test_measure_checkpoint_in_a_fresh_process(tmp_path):
     model.save_pretrained(tmp_path / "dense")
     small = remove_blocks(copy.deepcopy(model), [1, 2, 3])
     small.save_pretrained(tmp_path / "small")
+    ballast = np.ones(2**28)  # 2 GiB in THIS process: the fresh process must not report it
     d = measure_checkpoint(tmp_path / "dense", prompt_len=16, gen_len=4, threads=1)
+    del ballast
+    assert d["peak_rss_gb"] < 1.5
     s = measure_checkpoint(tmp_path / "small", prompt_len=16, gen_len=4, threads=1)
     assert d["parameters"] == sum(p.numel() for p in model.parameters())
     assert s["parameters"] < d["parameters"] and s["generate_tokens_per_s"] > 0 and s["peak_rss_gb"] > 0
