@@ -541,6 +541,14 @@ def write_report(results: Path, profile: str, s: dict) -> Path:
         tab = comparison_table(results, s["tasks"])
         for (model, M), grp in tab.groupby(["model", "M"]):
             lines += [f"## {model}, M = {M}", "", _markdown(grp.drop(columns=["model", "M"])), ""]
+    if (results / "evaluations.csv").is_file():
+        ev = pd.read_csv(results / "evaluations.csv")
+        eff = ev[ev["task"] == "efficiency"]
+        if len(eff):
+            piv = eff.pivot_table(index=["model", "method", "M"], columns="metric", values="value",
+                                  aggfunc="first").reset_index()
+            lines += ["## Efficiency of the exported models (fresh process, CPU float32, prompt 128, generate 32)", "",
+                      _markdown(piv), ""]
     if (results / "skipped.json").is_file():
         lines += ["## Not applicable", ""] + [f"- {n['model']}, M = {n['M']}, {n['method']}: {n['reason']}"
                                               for n in read_json(results / "skipped.json")] + [""]

@@ -40,7 +40,7 @@ def test_tables_have_every_method(run):
     acc = ev[(ev["task"] == "piqa") & (ev["metric"] == "acc")]
     assert acc["value"].between(0, 1).all() and (acc["limit"] == 4).all() and (acc["n"] == 4).all()
     report = (run / "comparison.md").read_text()
-    assert "M = 2" in report and "cbo-sd-rerank" in report
+    assert "M = 2" in report and "cbo-sd-rerank" in report and "## Efficiency" in report
 
 
 def test_perplexity_rows_match_independent_computation(run):
