@@ -201,18 +201,17 @@ def _select_baseline(model, calib, name: str, M: int, s: dict, seed: int | None 
 
 
 # ------------------------------------------------------------------------------------------------- running
-def _slug(model: str) -> str:
-    return model.replace("/", "__")
-
-
 def _done(table: Path, **key) -> pd.DataFrame:
+    """The rows of ``table`` matching ``key`` (compared as upsert keys are: 4.0 == 4, missing == '')."""
+    from .results import _key_text
+
     if not table.is_file():
         return pd.DataFrame()
     df = pd.read_csv(table)
     for k, v in key.items():
         if k not in df.columns:
             return df.iloc[0:0]
-        df = df[df[k].astype(str) == str(v)]
+        df = df[df[k].map(_key_text) == _key_text(v)]
     return df
 
 
@@ -225,8 +224,7 @@ def run_compare(profile: str, results: Path | None = None, models: Sequence[str]
 
     from .calibration import load_calibration
     from .models import load_model
-    from .pipeline import _m_values, load_profile
-    from .results import add_evaluations, add_selections
+    from .pipeline import _m_values, _slug, load_profile
 
     cfg = load_profile(profile)
     s = compare_settings(cfg)
@@ -258,7 +256,6 @@ def run_compare(profile: str, results: Path | None = None, models: Sequence[str]
         if "efficiency" in stages:
             _run_efficiency(model, tok, sels[sels["M"].isin(Ms)], s, results, out, model_name)
         del model
-    add_selections, add_evaluations  # noqa: B018 - imported for the helpers below
     path = results / "comparison.md"
     if "report" in stages:
         path = write_report(results, cfg["profile"], s)
@@ -348,21 +345,22 @@ def _run_evaluations(model, tok, sels: pd.DataFrame, s: dict, results: Path, mod
         key = {"model": model_name, "method": row["method"], "M": int(row["M"]), "state": label}
         done = _done(table, **key, retrained=False)
         have = {(t, _key_text(lim)) for t, lim in zip(done.get("task", []), done.get("limit", []))}
+        need_ppl = ("heldout_ppl", "") not in have
+        zs = s["zero_shot_methods"]
+        todo = [t for t in s["tasks"] if (t, _key_text(s["limit"])) not in have]
+        if zs != "all" and row["method"] not in set(zs) | {"dense"}:
+            todo = []
+        if not need_ppl and not todo:
+            continue  # resuming: nothing left to measure (and no SWM copy to build)
         m, removed = _evaluation_model(model, row) if row["method"] != "dense" else (model, None)
         common = {**key, "retrained": False, "removed_blocks": row.get("removed_blocks", "")}
-        measured = False
-        if ("heldout_ppl", "") not in have:
+        if need_ppl:
             t0 = time.perf_counter()
             p = perplexity(m, windows, removed=removed or None)
             add_evaluations(results, [{**common, "task": "heldout_ppl", "metric": "perplexity",
                                        "value": p["perplexity"], "stderr": None, "n": p["tokens"], "limit": None,
                                        "lm_eval_version": None, "split": "boolq passages",
                                        "seconds": round(time.perf_counter() - t0, 2)}])
-            measured = True
-        zs = s["zero_shot_methods"]
-        todo = [t for t in s["tasks"] if (t, _key_text(s["limit"])) not in have]
-        if zs != "all" and row["method"] not in set(zs) | {"dense"}:
-            todo = []
         if todo:
             t0 = time.perf_counter()
             res = evaluate_tasks(m, tok, todo, limit=s["limit"], removed=removed or None,
@@ -371,8 +369,7 @@ def _run_evaluations(model, tok, sels: pd.DataFrame, s: dict, results: Path, mod
             add_evaluations(results, [{**common, **r, "limit": s["limit"], "lm_eval_version": version,
                                        "split": r.get("split") or task_split(r["task"], s["task_source"]),
                                        "seconds": secs} for r in res if r["task"] in todo])
-            measured = True
-        if progress and measured:
+        if progress:
             print(f"  [{model_name}] evaluated {row['method']} M={row['M']} {label}", flush=True)
         del m
 
