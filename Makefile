@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.cbo-installed
 PROFILE ?= $(shell $(PYTHON) -c "import shutil,subprocess,sys; ok=shutil.which('nvidia-smi') and subprocess.run(['nvidia-smi','-L'],capture_output=True).returncode==0; print('paper' if ok else 'mini')" 2>/dev/null || echo mini)
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: help venv test test-fast lint bench reproduce compare clean-results
+.PHONY: help venv test test-fast lint bench reproduce compare retrain hybrid clean-results
 
 help:  ## list the verbs
 	@echo "cbo_utils — block removal by constrained binary optimisation"
@@ -47,6 +47,9 @@ reproduce: venv  ## run every stage that exists for PROFILE into results/PROFILE
 compare: venv  ## every baseline and CBO variant, evaluated the same way → results/PROFILE/comparison.md
 	@echo "profile: $(PROFILE)  (override with PROFILE=tiny|mini|paper)"
 	$(OFFLINE) $(VPY) -m cbo_utils.compare --profile $(PROFILE)
+
+retrain: venv  ## knowledge-distil the selections (after compare) and evaluate before/after → results/PROFILE/retraining.md
+	$(OFFLINE) $(VPY) -m cbo_utils.retrain --profile $(PROFILE)
 
 clean-results:  ## delete results/ (never the venv or the model cache)
 	rm -rf results
