@@ -481,9 +481,16 @@ def distill(student, teacher, tokenizer, data: KDData, cfg: DistillConfig, out_d
         elif main:
             print(f"[distill] {ckpt} belongs to other settings (run key {st.get('run_key')} ≠ {key}); starting "
                   "afresh", flush=True)
-    if evaluate_heldout and kl_before is None and main:
-        kl_before = heldout_kl(accelerator.unwrap_model(model) if accelerator else model, teacher, data.heldout,
-                               pad_id, cfg.micro_batch_size, cfg.temperature, device=dev)
+    from accelerate.utils import DistributedType
+
+    fsdp = accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
+
+    def eval_model():   # every process evaluates (a sharded FSDP model needs all of them in each forward)
+        return model if fsdp or accelerator is None else accelerator.unwrap_model(model)
+
+    if evaluate_heldout and kl_before is None:
+        kl_before = heldout_kl(eval_model(), teacher, data.heldout, pad_id, cfg.micro_batch_size, cfg.temperature,
+                               device=dev)
         model.train()
 
     def state(step):
@@ -526,9 +533,9 @@ def distill(student, teacher, tokenizer, data: KDData, cfg: DistillConfig, out_d
         losses.append(float(step_loss))
         row = {"step": step + 1, "loss": float(step_loss), "lr": lr, "grad_norm": float(gnorm), "tokens": tokens,
                "seconds": round(t_spent, 3)}
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps and main:
-            row["heldout_kl"] = heldout_kl(accelerator.unwrap_model(model) if accelerator else model, teacher,
-                                           data.heldout, pad_id, cfg.micro_batch_size, cfg.temperature, device=dev)
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
+            row["heldout_kl"] = heldout_kl(eval_model(), teacher, data.heldout, pad_id, cfg.micro_batch_size,
+                                           cfg.temperature, device=dev)
             model.train()
         log_rows.append(row)
         bar.update(1)
@@ -542,11 +549,13 @@ def distill(student, teacher, tokenizer, data: KDData, cfg: DistillConfig, out_d
         return DistillResult(steps_done, total_steps, tokens, t_spent, losses, kl_before, None, start, None,
                              {"run_key": key})
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
-    unwrapped.eval()
     kl_after = None
-    if evaluate_heldout and main:
-        kl_after = heldout_kl(unwrapped, teacher, data.heldout, pad_id, cfg.micro_batch_size, cfg.temperature,
+    if evaluate_heldout:
+        kl_after = heldout_kl(eval_model(), teacher, data.heldout, pad_id, cfg.micro_batch_size, cfg.temperature,
                               device=dev)
+    unwrapped.eval()
+    # the full state dict, gathered from the shards under FSDP (a collective: every process calls it)
+    full_state = accelerator.get_state_dict(model) if accelerator is not None and save_model else None
     meta = {"run_key": key, "processes": world, "accumulation": accum, "data": data.meta,
             "train_tokens_available": data.train_tokens, "config": asdict(cfg)}
     rec = {"run_key": key, "steps": steps_done, "total_steps": total_steps, "tokens": tokens,
@@ -556,7 +565,7 @@ def distill(student, teacher, tokenizer, data: KDData, cfg: DistillConfig, out_d
     if main:
         _write_log(out_dir / "train_log.csv", log_rows)
         if save_model:
-            _save_pretrained_atomic(unwrapped, tokenizer, out_dir, rec)
+            _save_pretrained_atomic(unwrapped, tokenizer, out_dir, rec, full_state)
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
             write_json(done_file, rec)
@@ -581,7 +590,7 @@ def _write_log(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, pd.DataFrame(rows).to_csv(index=False))
 
 
-def _save_pretrained_atomic(model, tokenizer, out_dir: Path, rec: dict) -> None:
+def _save_pretrained_atomic(model, tokenizer, out_dir: Path, rec: dict, state_dict: dict | None = None) -> None:
     """The retrained model as a standard folder in ``out_dir`` (files written to a temporary folder first, then
     moved in; ``retraining.json`` last, so its presence means the folder is complete)."""
     from .blocks import get_adapter
@@ -589,7 +598,7 @@ def _save_pretrained_atomic(model, tokenizer, out_dir: Path, rec: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".model."))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         extras = get_adapter(model).config_json_extras(model.config)

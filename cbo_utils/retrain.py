@@ -154,6 +154,10 @@ def run_retrain(profile: str, results: Path | None = None, models: Sequence[str]
                         "loss_last": res.losses[-1] if res.losses else None, "lr": tcfg.lr,
                         "batch_size": tcfg.batch_size, "data_source": d["source"],
                         "teacher_dtype": tcfg.teacher_dtype}], RETRAIN_COLUMNS, RETRAIN_KEY)
+                    if acc is not None:   # sharded/wrapped in training: evaluate the saved folder, on this process
+                        from .models import load_model
+
+                        student, _ = load_model(str(run_dir), dtype=cfg["dtype"], device_map=cfg.get("device_map"))
                     student.eval()
                     _evaluate(student, tok, sel, cs, s, results, model_name, retrained=True, removed=None)
                     print(f"[retrain] {model_name} {method} M={M}: {res.tokens:,} tokens in {res.seconds:.0f} s, "
