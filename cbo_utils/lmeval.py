@@ -368,7 +368,8 @@ def _rows(results: dict, source: str, limit, num_fewshot) -> list[dict]:
 
 def evaluate_tasks(model, tokenizer, tasks: str | Iterable[str], limit: int | None = None, batch_size: int = 8,
                    removed: Sequence[int] | None = None, num_fewshot: int | None = None, source: str = "offline",
-                   seed: int = 1234) -> list[dict]:
+                   seed: int = 1234, apply_chat_template: bool = False, gen_kwargs: dict | None = None,
+                   system_instruction: str | None = None) -> list[dict]:
     """Run ``lm_eval.simple_evaluate`` on an in-memory model (``HFLM(pretrained=model, tokenizer=tokenizer)``).
 
     ``tasks``: friendly names (``source="offline"``: arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq,
@@ -377,6 +378,10 @@ def evaluate_tasks(model, tokenizer, tasks: str | Iterable[str], limit: int | No
     afterwards. ``limit``: the first ``limit`` documents of every task (lm-eval's semantics; ``None`` = all).
     ``num_fewshot``: ``None`` = task defaults (zero-shot for these tasks); the offline tasks other than MMLU have no
     training split and refuse few-shot. ``seed`` sets lm-eval's python, numpy, torch and few-shot seeds.
+    Reasoning tasks of chat models (the Nemotron evaluation: ``aime25``, ``gpqa_diamond_cot_zeroshot``):
+    ``apply_chat_template=True`` renders every prompt with the tokenizer's chat template (multi-turn few-shot off),
+    ``gen_kwargs`` overrides the tasks' generation settings (e.g. ``{"max_gen_toks": 32768, "temperature": 0}``),
+    ``system_instruction`` adds a system turn.
 
     Returns tidy rows ``{task, metric, value, stderr, n, limit, split, num_fewshot, source, lm_eval_version}``, one
     per task and metric (acc, acc_norm, ...; generative metrics keep their filter: ``exact_match,strict-match``),
@@ -408,7 +413,9 @@ def evaluate_tasks(model, tokenizer, tasks: str | Iterable[str], limit: int | No
                 results = simple_evaluate(
                     model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
                     log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                    fewshot_random_seed=seed,
+                    fewshot_random_seed=seed, apply_chat_template=apply_chat_template,
+                    system_instruction=system_instruction,
+                    gen_kwargs=dict(gen_kwargs) if gen_kwargs else None,
                 )
         finally:
             if gates is not None:

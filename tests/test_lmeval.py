@@ -303,3 +303,25 @@ def test_zero_shot_mean_convention():
         lmeval.zero_shot_mean(rows, tasks=("boolq",))
     with pytest.raises(ValueError, match="exactly one"):
         lmeval.zero_shot_mean(rows + rows)
+
+
+def test_chat_template_and_generation_settings_reach_the_requests(tiny, monkeypatch):
+    """The reasoning evaluation of chat models (Nemotron: aime25, gpqa) renders prompts with the chat template."""
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok = tiny
+    seen = []
+    real = HFLM.loglikelihood
+
+    def spy(self, requests, *a, **kw):
+        seen.extend(r.args[0] for r in requests)
+        return real(self, requests, *a, **kw)
+
+    monkeypatch.setattr(HFLM, "loglikelihood", spy)
+    lmeval.evaluate_tasks(model, tok, ["arc_easy"], limit=2, batch_size=2)
+    plain = list(seen)
+    seen.clear()
+    lmeval.evaluate_tasks(model, tok, ["arc_easy"], limit=2, batch_size=2, apply_chat_template=True,
+                          system_instruction="Think.")
+    assert plain and not any("<|im_start|>" in c for c in plain)
+    assert seen and all(c.startswith("<|im_start|>system\nThink.") and "<|im_start|>user" in c for c in seen)
