@@ -5,6 +5,7 @@
     cbo solve     --hessian results/smollm2 -M 8 -k 20 --solver exact --out results/smollm2/states_M8.csv
     cbo prune     --model smollm2 --states results/smollm2/states_M8.csv --rank 0 --out pruned/smollm2-M8
     cbo verify    pruned/smollm2-M8 --original smollm2
+    cbo retrain   --teacher smollm2 --student pruned/smollm2-M8 --out retrained/smollm2-M8 --max-steps 30
 
 Models: a local folder, a Hub id, ``smollm2`` (the embedded SmolLM2-135M-Instruct) or a tiny model built in code
 (``tiny-llama``, ``tiny-qwen3``, ``tiny-nemotron-h``). Block indices are 0-based everywhere.
@@ -218,6 +219,32 @@ def cmd_verify(args) -> int:
     return 0 if rep["ok"] else 1
 
 
+def cmd_retrain(args) -> int:
+    from .distill import DistillConfig, distill, kd_data, load_teacher, pruned_student
+    from .models import load_model
+
+    if (args.student is None) == (args.remove is None):
+        raise CLIError("give the student either as --student FOLDER (e.g. from `cbo prune`) or as --remove "
+                       "BLOCKS (removed from a fresh copy of --teacher)")
+    cfg = DistillConfig(lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                        epochs=args.epochs, max_steps=args.max_steps, warmup_steps=args.warmup_steps,
+                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, temperature=args.temperature,
+                        teacher_dtype=args.teacher_dtype, student_dtype=args.dtype, save_every=args.save_every,
+                        seed=args.seed)
+    teacher, tok = load_teacher(args.teacher, cfg.teacher_dtype, device_map=args.device_map)
+    if args.student:
+        student, _ = load_model(args.student, dtype=cfg.student_dtype)
+    else:
+        student, _ = pruned_student(args.teacher, args.remove, dtype=cfg.student_dtype)
+    data = kd_data(tok, args.data, max_length=args.max_length, heldout_fraction=args.heldout_fraction,
+                   packing=args.packing, samples=args.samples, seed=args.seed)
+    res = distill(student, teacher, tok, data, cfg, args.out,
+                  extra_provenance={"teacher": args.teacher, "student": args.student or f"remove {args.remove}"})
+    print(f"retrained {res.steps} steps, {res.tokens:,} tokens in {res.seconds:.0f} s; held-out KL "
+          f"{res.heldout_kl_before:.4f} → {res.heldout_kl_after:.4f}; model: {args.out}")
+    return 0
+
+
 def _range_arg(text: str) -> tuple[int, int]:
     parts = text.replace("-", ",").split(",")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) > int(parts[1]):
@@ -309,6 +336,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the verification of the export")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("retrain", help="heal a pruned model by knowledge distillation from the dense model")
+    p.add_argument("--teacher", required=True, help="the dense model (folder, Hub id, smollm2, tiny name)")
+    p.add_argument("--student", default=None, help="a pruned folder (from `cbo prune`)")
+    p.add_argument("--remove", type=_blocks_arg, default=None, help="or: 0-based blocks to remove from the teacher")
+    p.add_argument("--out", required=True, help="folder for checkpoints, train_log.csv and the retrained model")
+    p.add_argument("--data", default="embedded", help="embedded | openhermes | jsonl:PATH (chat conversations)")
+    p.add_argument("--samples", type=_positive, default=None, help="use only the first N conversations")
+    p.add_argument("--max-length", type=_positive, default=1024)
+    p.add_argument("--packing", action="store_true", help="concatenate conversations into full windows")
+    p.add_argument("--heldout-fraction", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--batch-size", type=_positive, default=16, help="global batch (sequences per step)")
+    p.add_argument("--micro-batch-size", type=_positive, default=4)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=_positive, default=None)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--teacher-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "nf4"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="student weights")
+    p.add_argument("--device-map", default=None, help="teacher placement, e.g. auto")
+    p.add_argument("--save-every", type=int, default=50, help="steps between resumable checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("verify", help="check an exported model against the original")
     p.add_argument("folder")

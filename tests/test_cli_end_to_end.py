@@ -61,6 +61,7 @@ def _grad_dir(tmp_path, A):
     (["prune", "--model", "tiny-llama", "--remove", "0-5", "--out", "{o}"], "leaves no model"),
     (["prune", "--model", "tiny-llama", "--remove", "7", "--out", "{o}"], "out of range"),
     (["verify", "{missing}", "--original", "tiny-llama"], "removed_blocks.json"),
+    (["retrain", "--teacher", "tiny-llama", "--out", "{o}"], "--student FOLDER"),
 ])
 def test_cli_errors_are_clear_and_nonzero(args, words, tmp_path, capsys):
     g = _grad_dir(tmp_path / "g", torch.randn(8, 6, dtype=torch.float64))
@@ -78,7 +79,8 @@ def test_nan_hessian_is_refused(tmp_path, capsys):
     assert "non-finite" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cmd", ["blocks", "gradients", "solve", "prune", "verify"])
+@pytest.mark.parametrize("cmd", ["blocks", "gradients", "solve", "prune", "verify", "retrain", "baseline",
+                                 "compare"])
 def test_every_subcommand_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])
@@ -120,3 +122,16 @@ def test_stochastic_gradients_and_baseline_through_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse rejects a reversed range
         main(["gradients", "--model", "tiny-llama", "--out", str(gdir), "--random-removal", "3,1"])
     assert "not a range" in capsys.readouterr().err
+
+
+def test_prune_then_retrain_through_cli(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    assert main(["prune", "--model", "tiny-llama", "--remove", "1,4", "--out", str(tmp_path / "p")]) == 0
+    rc = main(["retrain", "--teacher", "tiny-llama", "--student", str(tmp_path / "p"), "--out", str(tmp_path / "r"),
+               "--samples", "400", "--max-length", "64", "--packing", "--heldout-fraction", "0.05",
+               "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "3", "--warmup-steps", "1",
+               "--lr", "1e-3", "--teacher-dtype", "float32"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "retrained 3 steps" in out, out
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "r").config.num_hidden_layers == 4
