@@ -51,5 +51,8 @@ compare: venv  ## every baseline and CBO variant, evaluated the same way → res
 retrain: venv  ## knowledge-distil the selections (after compare) and evaluate before/after → results/PROFILE/retraining.md
 	$(OFFLINE) $(VPY) -m cbo_utils.retrain --profile $(PROFILE)
 
+hybrid: venv  ## type-restricted removal on the hybrid Nemotron (stand-in on tiny/mini) → results/PROFILE/hybrid/hybrid.md
+	$(OFFLINE) $(VPY) -m cbo_utils.hybrid --profile $(PROFILE)
+
 clean-results:  ## delete results/ (never the venv or the model cache)
 	rm -rf results

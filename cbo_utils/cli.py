@@ -6,6 +6,8 @@
     cbo prune     --model smollm2 --states results/smollm2/states_M8.csv --rank 0 --out pruned/smollm2-M8
     cbo verify    pruned/smollm2-M8 --original smollm2
     cbo retrain   --teacher smollm2 --student pruned/smollm2-M8 --out retrained/smollm2-M8 --max-steps 30
+    cbo hybrid    --profile mini                       # only-MoE / only-attention / ... removal on the hybrid model
+    cbo prune-files Nemotron-FP8/ --remove 8,10,38 --out Nemotron-FP8-pruned/
 
 Models: a local folder, a Hub id, ``smollm2`` (the embedded SmolLM2-135M-Instruct) or a tiny model built in code
 (``tiny-llama``, ``tiny-qwen3``, ``tiny-nemotron-h``). Block indices are 0-based everywhere.
@@ -245,6 +247,25 @@ def cmd_retrain(args) -> int:
     return 0
 
 
+def cmd_hybrid(args) -> int:
+    from .hybrid import run_profile, summary_table
+
+    res = run_profile(args.profile, args.results, progress=True)
+    print(summary_table(res["evaluations"], res["states"]).to_string(index=False))
+    print(f"report: {res['paths']['report']}")
+    return 0
+
+
+def cmd_prune_files(args) -> int:
+    from .hybrid import prune_checkpoint_files
+
+    out = prune_checkpoint_files(args.src, args.remove, args.out, overwrite=args.overwrite, method="manual",
+                                 source=str(args.src))
+    print(f"wrote {out}: removed blocks {' '.join(map(str, args.remove))} (weights renamed without loading the "
+          "model; config and quantisation metadata remapped)")
+    return 0
+
+
 def _range_arg(text: str) -> tuple[int, int]:
     parts = text.replace("-", ",").split(",")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) > int(parts[1]):
@@ -362,6 +383,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=50, help="steps between resumable checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("hybrid", help="type-restricted removal (only MoE / attention / Mamba blocks, or a mix) on "
+                                      "the hybrid Nemotron of a profile (a stand-in on tiny and mini)")
+    p.add_argument("--profile", default="mini")
+    p.add_argument("--results", default=None)
+    p.set_defaults(func=cmd_hybrid)
+
+    p = sub.add_parser("prune-files", help="remove blocks from a checkpoint folder without loading it (e.g. the "
+                                           "FP8 checkpoint with a selection made on the BF16 one)")
+    p.add_argument("src", help="a save_pretrained folder with safetensors weights")
+    p.add_argument("--remove", type=_blocks_arg, required=True, help="0-based blocks, e.g. 8,10,38")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_prune_files)
 
     p = sub.add_parser("verify", help="check an exported model against the original")
     p.add_argument("folder")

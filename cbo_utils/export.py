@@ -43,6 +43,7 @@ def export_pruned(model, tokenizer, remove, out_dir, *, method: str = "manual", 
     kept = [i for i in range(n_orig) if i not in set(remove)]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; an exported model is meant to be shared
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:

@@ -22,7 +22,6 @@ from .artifacts import read_json, sidecar_path, write_json
 ROOT = Path(__file__).resolve().parent.parent
 NOT_YET = [
     "notebooks 01-05 and the papermill graph (issue 5)",
-    "knowledge-distillation retraining and the Nemotron stand-in (issue 4)",
     "figures and the paper's tables (issue 5)",
 ]
 EXACT_LIMIT = 5e9  # above this many states the pipeline uses tabu instead of enumeration
@@ -61,10 +60,14 @@ def _check_reachable(model: str) -> None:
                  "with `huggingface-cli login`, or run PROFILE=mini (CPU, embedded SmolLM2) instead.")
 
 
-def run(profile: str, results: Path | None = None, compare: bool = True) -> list[Path]:
+def run(profile: str, results: Path | None = None, compare: bool = True, retrain: bool = True,
+        hybrid: bool = True) -> list[Path]:
     """Gradients → states → pruned checkpoints for every model of the profile, then (``compare=True`` and the
     profile has a ``compare:`` section) the comparison harness: every baseline and CBO variant evaluated the same
-    way (:mod:`cbo_utils.compare`)."""
+    way (:mod:`cbo_utils.compare`); then (``retrain=True``, after the comparison, with a ``retrain:`` section) the
+    knowledge distillation of the chosen selections, evaluated before and after (:mod:`cbo_utils.retrain`); then
+    (``hybrid=True``) the type-restricted hybrid experiment — the Nemotron stand-in on the tiny and mini profiles,
+    the real Nemotron-3-Nano on the paper profile (:mod:`cbo_utils.hybrid`)."""
     from .artifacts import provenance
     from .calibration import load_calibration
     from .export import export_pruned, verify_export
@@ -142,6 +145,17 @@ def run(profile: str, results: Path | None = None, compare: bool = True) -> list
         print("\n[compare] every baseline and CBO variant on the same calibration, evaluated the same way ...")
         report = run_compare(profile, results)
         produced += [report, results / "selections.csv", results / "evaluations.csv", results / "correlations.csv"]
+        if retrain and cfg.get("retrain") is not None:
+            from .retrain import run_retrain
+
+            print("\n[retrain] knowledge distillation of the selections, evaluated before and after ...")
+            produced += [run_retrain(profile, results), results / "retraining.csv"]
+    if hybrid and cfg.get("hybrid") is not None:
+        from .hybrid import run_profile
+
+        print("\n[hybrid] type-restricted removal on the hybrid Mamba/MoE/attention model ...")
+        res = run_profile(profile, results)
+        produced += [Path(p) for p in res["paths"].values()]
     write_json(results / "reproduce_manifest.json", {"profile": cfg["profile"], "produced": [str(p) for p in produced],
                                                       "not_yet_built": NOT_YET})
     print("\nProduced:")
@@ -156,8 +170,11 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="mini")
     ap.add_argument("--results", default=None)
     ap.add_argument("--no-compare", dest="compare", action="store_false", help="skip the comparison harness")
+    ap.add_argument("--no-retrain", dest="retrain", action="store_false", help="skip knowledge distillation")
+    ap.add_argument("--no-hybrid", dest="hybrid", action="store_false", help="skip the hybrid (Nemotron) experiment")
     args = ap.parse_args(argv)
-    run(args.profile, Path(args.results) if args.results else None, compare=args.compare)
+    run(args.profile, Path(args.results) if args.results else None, compare=args.compare, retrain=args.retrain,
+        hybrid=args.hybrid)
     return 0
 
 

@@ -80,7 +80,7 @@ def test_nan_hessian_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("cmd", ["blocks", "gradients", "solve", "prune", "verify", "retrain", "baseline",
-                                 "compare"])
+                                 "compare", "hybrid", "prune-files"])
 def test_every_subcommand_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])
@@ -135,3 +135,18 @@ def test_prune_then_retrain_through_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "retrained 3 steps" in out, out
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "r").config.num_hidden_layers == 4
+
+
+def test_prune_files_through_cli(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from cbo_utils.tiny import build_tiny
+
+    model, tok = build_tiny("tiny-nemotron-h")
+    model.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    assert main(["prune-files", str(tmp_path / "src"), "--remove", "1,5", "--out", str(tmp_path / "p")]) == 0
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    assert back.config.num_hidden_layers == 12
+    assert main(["prune-files", str(tmp_path / "src"), "--remove", "5,10", "--out", str(tmp_path / "q")]) != 0
+    assert "attention" in capsys.readouterr().err   # removing every attention block is refused

@@ -139,3 +139,14 @@ def test_remote_code_layout_gates_and_removal():
     assert [b.mixer.layer_idx for b in model.backbone.layers] == [0, 1, 2, 3]
     torch.testing.assert_close(model(x), ref)
     assert ad.config_json_extras(model.config) == {"hybrid_override_pattern": "MM*M", "num_hidden_layers": 4}
+
+
+def test_exported_folder_is_readable_by_others(tmp_path):
+    import stat
+
+    from cbo_utils.export import export_pruned
+    from cbo_utils.tiny import build_tiny
+
+    model, tok = build_tiny("tiny-llama")
+    out = export_pruned(model, tok, [2], tmp_path / "p")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755   # not mkdtemp's 0700

@@ -9,7 +9,7 @@ from cbo_utils.pipeline import load_profile, run
 
 def test_tiny_profile_runs_and_resumes(tmp_path, capsys):
     cfg = load_profile("tiny")
-    produced = run("tiny", tmp_path, compare=False)
+    produced = run("tiny", tmp_path, compare=False, hybrid=False)
     for model in cfg["models"]:
         d = tmp_path / model
         assert (d / "gradients.safetensors").is_file() and (d / "gradients.safetensors.json").is_file()
@@ -23,7 +23,7 @@ def test_tiny_profile_runs_and_resumes(tmp_path, capsys):
             assert json.loads((d / f"pruned_M{M}_cbo0" / "verification.json").read_text())["ok"]
     stamp = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("gradients.safetensors")}
     capsys.readouterr()
-    assert run("tiny", tmp_path, compare=False) == produced
+    assert run("tiny", tmp_path, compare=False, hybrid=False) == produced
     out = capsys.readouterr().out
     assert out.count("gradients: up to date") == len(cfg["models"]) and "verified earlier" in out
     assert stamp == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("gradients.safetensors")}
