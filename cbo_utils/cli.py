@@ -222,6 +222,8 @@ def cmd_verify(args) -> int:
 
 
 def cmd_retrain(args) -> int:
+    import torch
+
     from .distill import DistillConfig, distill, kd_data, load_teacher, pruned_student
     from .models import load_model
 
@@ -238,6 +240,10 @@ def cmd_retrain(args) -> int:
         student, _ = load_model(args.student, dtype=cfg.student_dtype)
     else:
         student, _ = pruned_student(args.teacher, args.remove, dtype=cfg.student_dtype)
+    if torch.cuda.is_available():   # one GPU without `accelerate launch`: train there
+        student.to("cuda")
+        if args.device_map is None and cfg.teacher_dtype != "nf4":
+            teacher.to("cuda")
     data = kd_data(tok, args.data, max_length=args.max_length, heldout_fraction=args.heldout_fraction,
                    packing=args.packing, samples=args.samples, seed=args.seed)
     res = distill(student, teacher, tok, data, cfg, args.out,

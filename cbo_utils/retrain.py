@@ -117,8 +117,9 @@ def run_retrain(profile: str, results: Path | None = None, models: Sequence[str]
                                     f"comparison first (make compare PROFILE={cfg['profile']} or python -m "
                                     f"cbo_utils.compare --profile {cfg['profile']})")
         teacher, tok = load_teacher(model_name, tcfg.teacher_dtype)
-        if acc is not None:
-            teacher.to(acc.device)
+        dev = acc.device if acc is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if tcfg.teacher_dtype != "nf4":   # an NF4 teacher is placed by bitsandbytes already
+            teacher.to(dev)
         d = s["data"]
         data = kd_data(tok, d["source"], max_length=d["max_length"], heldout_fraction=d["heldout_fraction"],
                        heldout_max=d["heldout_max"], packing=d["packing"], max_train=d["max_train"],
@@ -135,6 +136,7 @@ def run_retrain(profile: str, results: Path | None = None, models: Sequence[str]
                 sel = row.iloc[0].to_dict()
                 removed = parse_blocks(sel["removed_blocks"])
                 student, _ = _student(model_name, sel, tcfg.student_dtype)
+                student.to(dev)
                 if main:   # before retraining (normally already measured by the comparison harness)
                     student.eval()
                     _evaluate(student, tok, sel, cs, s, results, model_name, retrained=False, removed=None)
