@@ -9,22 +9,20 @@ figures/tables are not built yet: the run says so at the end.
 from __future__ import annotations
 
 import argparse
-import copy
-import math
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from .artifacts import read_json, sidecar_path, write_json
+from .artifacts import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 NOT_YET = [
     "notebooks 01-05 and the papermill graph (issue 5)",
     "figures and the paper's tables (issue 5)",
 ]
-EXACT_LIMIT = 5e9  # above this many states the pipeline uses tabu instead of enumeration
+from .stages import EXACT_LIMIT  # noqa: E402,F401  (re-exported: above this many states tabu replaces enumeration)
 
 
 def load_profile(name_or_path: str) -> dict:
@@ -68,13 +66,7 @@ def run(profile: str, results: Path | None = None, compare: bool = True, retrain
     knowledge distillation of the chosen selections, evaluated before and after (:mod:`cbo_utils.retrain`); then
     (``hybrid=True``) the type-restricted hybrid experiment — the Nemotron stand-in on the tiny and mini profiles,
     the real Nemotron-3-Nano on the paper profile (:mod:`cbo_utils.hybrid`)."""
-    from .artifacts import provenance
-    from .calibration import load_calibration
-    from .export import export_pruned, verify_export
-    from .hessian import GRADIENTS_FILE, collect_gate_gradients, gradients_provenance, load_gradients
-    from .ising import BlockRemovalProblem
-    from .models import load_model
-    from .solvers import read_states_csv, solve, states_blocks, write_states_csv
+    from .stages import build_ising, estimate_hessian, export_ground_state, sample_states
 
     cfg = load_profile(profile)
     results = Path(results or ROOT / "results" / cfg["profile"])
@@ -82,61 +74,21 @@ def run(profile: str, results: Path | None = None, compare: bool = True, retrain
     for model_name in cfg["models"]:
         _check_reachable(model_name)
     for model_name in cfg["models"]:
-        out = results / _slug(model_name)
-        grad_file = out / GRADIENTS_FILE
-        params = {k: cfg.get(k) for k in ("calibration", "samples", "max_tokens", "dtype", "exact_hessian_samples",
-                                          "seed")}
-        model = tok = None
         t0 = time.perf_counter()
-        if grad_file.is_file() and read_json(sidecar_path(grad_file)).get("parameters", {}).get("stage") == params:
-            print(f"[{model_name}] gradients: up to date ({grad_file})")
-        else:
-            print(f"[{model_name}] gradients: {cfg['samples']} samples × {cfg['max_tokens']} tokens ...", flush=True)
-            model, tok = load_model(model_name, dtype=cfg["dtype"], device_map=cfg.get("device_map"))
-            thinking = True if "qwen3" in model_name.lower() else None  # the paper: Qwen3 with its thinking template
-            calib = load_calibration(cfg["calibration"], tok, samples=cfg["samples"], max_tokens=cfg["max_tokens"],
-                                     enable_thinking=thinking)
-            res = collect_gate_gradients(model, calib, exact_hessian_samples=cfg.get("exact_hessian_samples") or 0,
-                                         checkpoint=out / "gradients.partial")
-            res.save(out, gradients_provenance(model_name, calib, cfg["seed"], stage=params))
-            print(f"[{model_name}] gradients: {res.meta['seconds_gradients']:.1f} s, peak RSS "
-                  f"{res.meta['peak_rss_gb']:.2f} GB")
+        print(f"[{model_name}] gradients ({cfg['samples']} samples × {cfg['max_tokens']} tokens) ...", flush=True)
+        grad_file = estimate_hessian(model_name, results, calibration=cfg["calibration"], samples=cfg["samples"],
+                                     max_tokens=cfg["max_tokens"], dtype=cfg["dtype"],
+                                     exact_hessian_samples=cfg.get("exact_hessian_samples") or 0, seed=cfg["seed"],
+                                     device_map=cfg.get("device_map"))
         produced.append(grad_file)
-        res = load_gradients(grad_file)
-        for M in _m_values(cfg, model_name):
-            states = out / f"states_M{M}.csv"
-            solver = cfg["solver"]
-            if solver == "exact" and math.comb(res.N, M) > EXACT_LIMIT:
-                solver = "tabu"
-            if not (states.is_file() and states.stat().st_mtime >= grad_file.stat().st_mtime):
-                prob = BlockRemovalProblem.from_hessian(
-                    res.H.numpy(), M, g=res.g.numpy() if cfg["energy"] == "taylor" else None, energy=cfg["energy"])
-                t1 = time.perf_counter()
-                df = solve(prob, solver=solver, k=cfg["k"], seed=cfg["seed"], progress=False) if solver == "exact" \
-                    else solve(prob, solver=solver, k=cfg["k"], seed=cfg["seed"])
-                write_states_csv(df, states, provenance("states", {"M": M, "k": cfg["k"], "solver": solver,
-                                                                   "energy": cfg["energy"], "seed": cfg["seed"]},
-                                                        inputs={"hessian": grad_file},
-                                                        seconds=round(time.perf_counter() - t1, 4)))
-            print(f"[{model_name}] M={M}: states {states}")
+        Ms = _m_values(cfg, model_name)
+        produced += build_ising(model_name, results, Ms, energy=cfg["energy"])
+        for states in sample_states(model_name, results, Ms, k=cfg["k"], solver=cfg["solver"], seed=cfg["seed"]):
+            print(f"[{model_name}] states: {states}")
             produced.append(states)
-            pruned = out / f"pruned_M{M}_cbo0"
-            ver = pruned / "verification.json"
-            if ver.is_file() and read_json(ver).get("ok") and ver.stat().st_mtime >= states.stat().st_mtime:
-                print(f"[{model_name}] M={M}: pruned model verified earlier ({pruned})")
-                produced.append(pruned)
-                continue
-            if model is None:
-                model, tok = load_model(model_name, dtype=cfg["dtype"], device_map=cfg.get("device_map"))
-            df = read_states_csv(states)
-            remove = states_blocks(df)[0]
-            victim = copy.deepcopy(model)
-            export_pruned(victim, tok, remove, pruned, method=f"cbo:0 ({solver}, {cfg['energy']})",
-                          energy=float(df["energy"].iloc[0]), source=model_name, overwrite=True)
-            del victim
-            rep = verify_export(pruned, model, tok)
-            print(f"[{model_name}] M={M}: removed {' '.join(map(str, remove))} → {pruned} (verified: "
-                  f"{rep['ok']})")
+        for M in Ms:
+            pruned = export_ground_state(model_name, results, M, dtype=cfg["dtype"], device_map=cfg.get("device_map"))
+            print(f"[{model_name}] M={M}: ground state exported and verified → {pruned}")
             produced.append(pruned)
         print(f"[{model_name}] done in {time.perf_counter() - t0:.1f} s")
     if compare and cfg.get("compare") is not None:

@@ -19,7 +19,10 @@ def test_tiny_profile_runs_and_resumes(tmp_path, capsys):
             assert df["energy"].is_monotonic_increasing
             assert all(len(s.split()) == M for s in df["removed_blocks"])
             side = json.loads((d / f"states_M{M}.csv.json").read_text())
-            assert side["inputs"]["hessian"]["sha256"]
+            assert side["inputs"]["ising"]["sha256"]      # states ← ising_M*.json ← gradients
+            ising = json.loads((d / f"ising_M{M}.json").read_text())
+            assert ising["M"] == M and len(ising["Q"]) == ising["N"]
+            assert json.loads((d / f"ising_M{M}.json.json").read_text())["inputs"]["gradients"]["sha256"]
             assert json.loads((d / f"pruned_M{M}_cbo0" / "verification.json").read_text())["ok"]
     stamp = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("gradients.safetensors")}
     capsys.readouterr()
