@@ -10,8 +10,10 @@ STAMP  := $(VENV)/.cbo-installed
 # The profile: tiny | mini | paper. Default: paper when a CUDA GPU is present, otherwise mini.
 PROFILE ?= $(shell $(PYTHON) -c "import shutil,subprocess,sys; ok=shutil.which('nvidia-smi') and subprocess.run(['nvidia-smi','-L'],capture_output=True).returncode==0; print('paper' if ok else 'mini')" 2>/dev/null || echo mini)
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# the paper profile needs the Hub; the others never touch it
+OFFLINE_IF_LOCAL := $(if $(filter paper,$(PROFILE)),,$(OFFLINE))
 
-.PHONY: help venv test test-fast lint bench reproduce compare retrain hybrid clean-results
+.PHONY: help venv test test-fast lint bench reproduce figures pipeline check-profile compare retrain hybrid clean-results
 
 help:  ## list the verbs
 	@echo "cbo_utils — block removal by constrained binary optimisation"
@@ -40,9 +42,34 @@ lint: venv  ## ruff
 bench: venv  ## enumeration benchmark: states/s against a naive implementation, side by side
 	$(VPY) benchmarks/bench_enumeration.py --N 32 --M 8 --k 100
 
-reproduce: venv  ## run every stage that exists for PROFILE into results/PROFILE/
-	@echo "profile: $(PROFILE)  (override with PROFILE=tiny|mini|paper; default: paper with a CUDA GPU, else mini)"
-	$(VPY) -m cbo_utils.pipeline --profile $(PROFILE)
+# ---- the notebook graph: results/$(PROFILE)/graph.mk (generated from the profile) holds one file rule per
+# notebook run, with every prerequisite (notebook, profile, library sources, upstream artifacts) declared
+NB      := $(OFFLINE_IF_LOCAL) $(VPY) -m cbo_utils.notebooks
+GRAPH   := results/$(PROFILE)/graph.mk
+PROFILE_WHY := $(if $(filter command line environment,$(origin PROFILE)),chosen by you,$(if $(filter paper,$(PROFILE)),a CUDA GPU is present,no CUDA GPU found))
+JOBS    ?= 1
+ifneq ($(filter reproduce figures,$(MAKECMDGOALS)),)
+$(info profile: $(PROFILE) ($(PROFILE_WHY)); override with PROFILE=tiny|mini|paper)
+-include $(GRAPH)
+# JOBS=2 runs independent stages side by side (slower on 2 cores: the torch threads compete); logs stay whole
+MAKEFLAGS += -j$(JOBS) --output-sync=target
+endif
+
+$(GRAPH): configs/$(PROFILE).yaml cbo_utils/notebooks.py | $(STAMP)
+	@mkdir -p $(@D)
+	$(VPY) -m cbo_utils.notebooks graph --profile $(PROFILE) --out $@
+
+check-profile: | $(STAMP)
+	@$(OFFLINE_IF_LOCAL) $(VPY) -m cbo_utils.notebooks check --profile $(PROFILE)
+
+reproduce: check-profile $(REPRODUCE_TARGETS)  ## run the notebooks of PROFILE (papermill, Make graph) → results/ and figures/
+	@echo "produced (profile $(PROFILE)):"
+	@for f in $(STAGE_TARGETS); do test -e $$f && echo "  $$f"; done; echo "  executed notebooks (logs): results/$(PROFILE)/logs/"
+
+figures: $(REPRODUCE_TARGETS)  ## the figures and tables of PROFILE from its result files → figures/PROFILE/
+
+pipeline: venv  ## the same stages without notebooks (python -m cbo_utils.pipeline)
+	$(OFFLINE) $(VPY) -m cbo_utils.pipeline --profile $(PROFILE)
 
 compare: venv  ## every baseline and CBO variant, evaluated the same way → results/PROFILE/comparison.md
 	@echo "profile: $(PROFILE)  (override with PROFILE=tiny|mini|paper)"

@@ -218,8 +218,9 @@ def _done(table: Path, **key) -> pd.DataFrame:
 def run_compare(profile: str, results: Path | None = None, models: Sequence[str] | None = None,
                 M_values: Sequence[int] | None = None, stages: Sequence[str] = ("select", "evaluate", "correlate",
                                                                                   "efficiency", "report"),
-                progress: bool = True) -> Path:
-    """Run the comparison for ``profile`` into ``results/<profile>/``; returns the report path."""
+                progress: bool = True, compare: dict | None = None) -> Path:
+    """Run the comparison for ``profile`` into ``results/<profile>/``; returns the report path. ``compare``: the
+    profile's ``compare:`` section to use instead of the file's (the notebooks pass their parameter)."""
     import torch
 
     from .calibration import load_calibration
@@ -227,6 +228,8 @@ def run_compare(profile: str, results: Path | None = None, models: Sequence[str]
     from .pipeline import _m_values, _slug, load_profile
 
     cfg = load_profile(profile)
+    if compare is not None:
+        cfg = {**cfg, "compare": compare}
     s = compare_settings(cfg)
     if s["threads"]:
         torch.set_num_threads(int(s["threads"]))

@@ -1197,15 +1197,19 @@ def _eval_texts(source: str) -> tuple[list[str], str]:
     return heldout_text(), "BoolQ Wikipedia passages"
 
 
-def run_profile(profile: str, results: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
+def run_profile(profile: str, results: str | os.PathLike | None = None, progress: bool = True,
+                hybrid: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run the hybrid experiment of a profile (``tiny``, ``mini``, or a YAML path) into ``<results>/hybrid/``
     (``results`` defaults to ``results/<profile>``): the stand-in (``hybrid.model: standin``) or a real NemotronH
-    checkpoint. Returns :func:`run_hybrid_experiment`'s dict plus ``"model_info"`` and ``"seconds"``."""
+    checkpoint. Returns :func:`run_hybrid_experiment`'s dict plus ``"model_info"`` and ``"seconds"``. ``hybrid``: the
+    profile's ``hybrid:`` section to use instead of the file's (the notebooks pass their parameter)."""
     from .calibration import CalibrationSet, embedded
     from .pipeline import load_profile
 
     t0 = time.perf_counter()
     cfg = load_profile(profile)
+    if hybrid is not None:
+        cfg = {**cfg, "hybrid": dict(hybrid)}
     s = hybrid_settings(cfg)
     if s["threads"]:
         torch.set_num_threads(int(s["threads"]))

@@ -90,8 +90,9 @@ def _accelerator():
 
 def run_retrain(profile: str, results: Path | None = None, models: Sequence[str] | None = None,
                 M_values: Sequence[int] | None = None, methods: Sequence[str] | None = None,
-                progress: bool = True) -> Path:
-    """Retrain and evaluate every (model, M, method) of the profile; returns the report path."""
+                progress: bool = True, retrain: dict | None = None) -> Path:
+    """Retrain and evaluate every (model, M, method) of the profile; returns the report path. ``retrain``: the
+    profile's ``retrain:`` section to use instead of the file's (the notebooks pass their parameter)."""
     import torch
 
     from .compare import _done, compare_settings
@@ -100,6 +101,8 @@ def run_retrain(profile: str, results: Path | None = None, models: Sequence[str]
     from .results import upsert_rows
 
     cfg = load_profile(profile)
+    if retrain is not None:
+        cfg = {**cfg, "retrain": retrain}
     s = retrain_settings(cfg)
     cs = compare_settings(cfg)
     if cs["threads"]:

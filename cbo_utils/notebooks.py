@@ -1,0 +1,233 @@
+"""Run the parameterised notebooks with papermill, and write the Make graph that connects them.
+
+    python -m cbo_utils.notebooks run 01_hessian_estimation --profile mini --model smollm2
+    python -m cbo_utils.notebooks graph --profile mini --out results/mini/graph.mk
+    python -m cbo_utils.notebooks params 03_state_sampling --profile tiny --model tiny-llama
+
+A notebook's parameters are the profile's keys (:data:`NOTEBOOKS` says which notebook receives which), plus
+``profile``, ``results_dir`` and, for the per-model notebooks, ``model`` (one of the profile's ``models``; the
+``M_values`` of that model when the profile gives them per model). Executed notebooks are logs, kept beside the
+results in ``results/<profile>/logs/`` (papermill writes them even when a cell fails, so they are never Make targets);
+the artifacts each notebook writes are the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = ROOT / "notebooks"
+
+#: notebook → whether it runs once per model, the profile keys it receives, the library modules it uses
+NOTEBOOKS: dict[str, dict[str, Any]] = {
+    "01_hessian_estimation": {
+        "per_model": True,
+        "keys": ["dtype", "calibration", "samples", "max_tokens", "exact_hessian_samples", "seed", "device_map"],
+        "modules": ["stages", "hessian", "calibration", "blocks", "models", "artifacts"]},
+    "02_ising_construction": {
+        "per_model": True, "keys": ["M_values", "energy"],
+        "modules": ["stages", "ising", "hessian", "artifacts"]},
+    "03_state_sampling": {
+        "per_model": True, "keys": ["M_values", "k", "solver", "seed", "dtype", "device_map"],
+        "modules": ["stages", "solvers", "ising", "export", "blocks", "artifacts"]},
+    "04_pruning_and_retraining": {
+        "per_model": False, "keys": ["compare", "retrain"],
+        "modules": ["compare", "baselines", "variants", "hessian", "solvers", "evaluate", "lmeval", "results",
+                    "retrain", "distill", "calibration", "blocks", "export"]},
+    "05_moe_nemotron": {
+        "per_model": False, "keys": ["hybrid"],
+        "modules": ["hybrid", "hessian", "baselines", "solvers", "ising", "blocks", "tiny", "calibration"]},
+    "06_report": {
+        "per_model": False, "keys": [],
+        "modules": ["figures", "report"]},
+}
+#: profile keys the runner itself consumes (not notebook parameters)
+RUNNER_KEYS = {"profile": "passed to every notebook as `profile`",
+               "models": "one run of each per-model notebook per entry, passed as `model`"}
+COMMON = ["profile", "results_dir"]
+
+
+def _profile(profile):
+    from .pipeline import load_profile
+
+    return load_profile(profile) if isinstance(profile, str) else dict(profile)
+
+
+def slug(model: str) -> str:
+    return model.replace("/", "__")
+
+
+def parameters_for(notebook: str, profile, model: str | None = None, results_dir=None) -> dict[str, Any]:
+    """The papermill parameters of ``notebook`` for ``profile`` (name, path or dict) and ``model``."""
+    from .pipeline import _m_values
+
+    if notebook not in NOTEBOOKS:
+        raise ValueError(f"unknown notebook {notebook!r}; choose from {sorted(NOTEBOOKS)}")
+    cfg = _profile(profile)
+    spec = NOTEBOOKS[notebook]
+    params: dict[str, Any] = {"profile": cfg["profile"],
+                              "results_dir": str(results_dir or Path("results") / cfg["profile"])}
+    if spec["per_model"]:
+        if model is None:
+            raise ValueError(f"{notebook} runs once per model: give --model (one of {cfg['models']})")
+        if model not in cfg["models"]:
+            match = [m for m in cfg["models"] if slug(m) == model]
+            if not match:
+                raise ValueError(f"model {model!r} is not in profile {cfg['profile']!r}: {cfg['models']}")
+            model = match[0]
+        params["model"] = model
+    if notebook == "06_report":   # figures/<profile>/ for the profile's own results, else beside the given results
+        params["figures_dir"] = (f"figures/{cfg['profile']}" if results_dir is None
+                                 else str(Path(results_dir) / "figures"))
+    for key in spec["keys"]:
+        if key == "M_values":
+            params[key] = [int(m) for m in _m_values(cfg, model)]
+        else:
+            params[key] = cfg.get(key)
+    return params
+
+
+def log_path(notebook: str, profile: str, model: str | None = None, results_dir=None) -> Path:
+    base = Path(results_dir or ROOT / "results" / profile) / "logs"
+    return base / (f"{notebook}__{slug(model)}.ipynb" if model else f"{notebook}.ipynb")
+
+
+def run_notebook(notebook: str, profile, model: str | None = None, results_dir=None, progress: bool = False,
+                 kernel_name: str = "python3") -> Path:
+    """Execute ``notebooks/<notebook>.ipynb`` with papermill in a fresh kernel (cwd = repository root); the executed
+    copy goes to ``results/<profile>/logs/``. Raises papermill's error (naming the failing cell) on failure."""
+    import papermill
+
+    cfg = _profile(profile)
+    params = parameters_for(notebook, cfg, model, results_dir)
+    out = log_path(notebook, cfg["profile"], params.get("model"), ROOT / params["results_dir"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(str(NOTEBOOK_DIR / f"{notebook}.ipynb"), str(out), parameters=params,
+                               cwd=str(ROOT), kernel_name=kernel_name, progress_bar=progress, log_output=False)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the Make graph
+def _lib(modules: Sequence[str]) -> str:
+    return " ".join(f"cbo_utils/{m}.py" for m in modules)
+
+
+def outputs(profile) -> dict[str, list[str]]:
+    """Artifact paths (relative to the repository root) per stage: the Make targets."""
+    from .pipeline import _m_values
+
+    cfg = _profile(profile)
+    R = f"results/{cfg['profile']}"
+    out: dict[str, list[str]] = {}
+    for m in cfg["models"]:
+        d = f"{R}/{slug(m)}"
+        Ms = _m_values(cfg, m)
+        out[f"01:{m}"] = [f"{d}/gradients.safetensors"]
+        out[f"02:{m}"] = [f"{d}/ising_M{M}.json" for M in Ms]
+        out[f"03:{m}"] = [f"{d}/states_M{M}.csv" for M in Ms] + [f"{d}/pruned_M{M}_cbo0/verification.json"
+                                                                  for M in Ms]
+    out["04"] = [f"{R}/selections.csv", f"{R}/evaluations.csv"] + (
+        [f"{R}/retraining.csv"] if cfg.get("retrain") is not None else [])
+    out["05"] = [f"{R}/hybrid/hybrid_evaluations.csv"] if cfg.get("hybrid") is not None else []
+    out["06"] = [f"figures/{cfg['profile']}/figures.json"]
+    return out
+
+
+def _rule(targets: Sequence[str], prereqs: Sequence[str], recipe: str) -> list[str]:
+    """One notebook run: the first target carries the recipe, the others depend on it with an empty recipe (GNU
+    make 4.3's grouped targets do not propagate ``make -n``'s "would be remade" to their dependents)."""
+    first, rest = targets[0], list(targets[1:])
+    lines = [f"{first}: {' '.join(prereqs)} | $(STAMP)", f"\t{recipe}"]
+    if rest:
+        lines.append(f"{' '.join(rest)}: {first} ;")
+    return lines + [""]
+
+
+def make_graph(profile) -> str:
+    """A Makefile fragment with one rule per notebook run: file targets, every prerequisite declared."""
+    cfg = _profile(profile)
+    p = cfg["profile"]
+    outs = outputs(cfg)
+    conf = f"configs/{p}.yaml"
+    lines = [f"# autogenerated by `python -m cbo_utils.notebooks graph --profile {p}` — do not edit", ""]
+    states_all: list[str] = []
+    for m in cfg["models"]:
+        g, ising, states = outs[f"01:{m}"], outs[f"02:{m}"], outs[f"03:{m}"]
+        states_all += states
+        for name, targets, upstream in (("01_hessian_estimation", g, []), ("02_ising_construction", ising, g),
+                                        ("03_state_sampling", states, ising)):
+            lines += _rule(targets, [*upstream, f"notebooks/{name}.ipynb", conf, _lib(NOTEBOOKS[name]["modules"])],
+                           f"$(NB) run {name} --profile {p} --model {m}")
+    lines += _rule(outs["04"], [*states_all, "notebooks/04_pruning_and_retraining.ipynb", conf,
+                                _lib(NOTEBOOKS["04_pruning_and_retraining"]["modules"])],
+                   f"$(NB) run 04_pruning_and_retraining --profile {p}")
+    if outs["05"]:
+        lines += _rule(outs["05"], ["notebooks/05_moe_nemotron.ipynb", conf,
+                                    _lib(NOTEBOOKS["05_moe_nemotron"]["modules"])],
+                       f"$(NB) run 05_moe_nemotron --profile {p}")
+    lines += _rule(outs["06"], [*outs["04"], *outs["05"], "notebooks/06_report.ipynb",
+                                _lib(NOTEBOOKS["06_report"]["modules"])], f"$(NB) run 06_report --profile {p}")
+    lines += [f"REPRODUCE_TARGETS := {' '.join(outs['06'])}",
+              f"STAGE_TARGETS := {' '.join(t for v in outs.values() for t in v)}", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="execute one notebook with papermill")
+    r.add_argument("notebook", choices=sorted(NOTEBOOKS))
+    r.add_argument("--profile", default="mini")
+    r.add_argument("--model", default=None)
+    r.add_argument("--results", default=None)
+    g = sub.add_parser("graph", help="write the Make graph of a profile")
+    g.add_argument("--profile", default="mini")
+    g.add_argument("--out", default=None)
+    c = sub.add_parser("check", help="stop early, with a clear message, when a model of the profile is unreachable")
+    c.add_argument("--profile", default="mini")
+    q = sub.add_parser("params", help="print a notebook's parameters for a profile")
+    q.add_argument("notebook", choices=sorted(NOTEBOOKS))
+    q.add_argument("--profile", default="mini")
+    q.add_argument("--model", default=None)
+    args = ap.parse_args(argv)
+    if args.cmd == "run":
+        import time
+
+        t0 = time.perf_counter()
+        label = f"{args.notebook}" + (f" [{args.model}]" if args.model else "")
+        print(f"▶ {label} (profile {args.profile}) ...", flush=True)
+        out = run_notebook(args.notebook, args.profile, args.model, args.results)
+        print(f"✔ {label} in {time.perf_counter() - t0:.0f} s — log: {out}", flush=True)
+    elif args.cmd == "graph":
+        from .artifacts import atomic_write_text
+
+        text = make_graph(args.profile)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(args.out, text)
+        else:
+            print(text)
+    elif args.cmd == "check":
+        from .pipeline import _check_reachable
+
+        cfg = _profile(args.profile)
+        models = list(cfg["models"])
+        hyb = (cfg.get("hybrid") or {}).get("model")
+        if hyb and hyb != "standin":
+            models.append(hyb)
+        for m in models:
+            _check_reachable(m)   # exits with the reason and what to do
+        print(f"profile {cfg['profile']}: {len(models)} model(s) reachable")
+    else:
+        import json
+
+        print(json.dumps(parameters_for(args.notebook, args.profile, args.model), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
