@@ -70,3 +70,15 @@ def test_block_strings_and_atomic_write(tmp_path):
         parse_blocks("a b")
     atomic_write_text(tmp_path / "f.txt", "x")
     assert (tmp_path / "f.txt").read_text() == "x" and not list(tmp_path.glob(".*tmp"))
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from cbo_utils.artifacts import atomic_write_text
+
+    p = atomic_write_text(tmp_path / "a.csv", "x\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask   # as open() would make it, not mkstemp's 0600
