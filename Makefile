@@ -48,7 +48,7 @@ NB      := $(OFFLINE_IF_LOCAL) $(VPY) -m cbo_utils.notebooks
 GRAPH   := results/$(PROFILE)/graph.mk
 PROFILE_WHY := $(if $(filter command line environment,$(origin PROFILE)),chosen by you,$(if $(filter paper,$(PROFILE)),a CUDA GPU is present,no CUDA GPU found))
 JOBS    ?= 1
-ifneq ($(filter reproduce figures,$(MAKECMDGOALS)),)
+ifneq ($(filter reproduce,$(MAKECMDGOALS)),)
 $(info profile: $(PROFILE) ($(PROFILE_WHY)); override with PROFILE=tiny|mini|paper)
 -include $(GRAPH)
 # JOBS=2 runs independent stages side by side (slower on 2 cores: the torch threads compete); logs stay whole
@@ -66,7 +66,8 @@ reproduce: check-profile $(REPRODUCE_TARGETS)  ## run the notebooks of PROFILE (
 	@echo "produced (profile $(PROFILE)):"
 	@for f in $(STAGE_TARGETS); do test -e $$f && echo "  $$f"; done; echo "  executed notebooks (logs): results/$(PROFILE)/logs/"
 
-figures: $(REPRODUCE_TARGETS)  ## the figures and tables of PROFILE from its result files → figures/PROFILE/
+figures: | $(STAMP)  ## redraw the figures and tables of PROFILE from its result files (no upstream stage) → figures/PROFILE/
+	$(NB) run 06_report --profile $(PROFILE)
 
 pipeline: venv  ## the same stages without notebooks (python -m cbo_utils.pipeline)
 	$(OFFLINE) $(VPY) -m cbo_utils.pipeline --profile $(PROFILE)

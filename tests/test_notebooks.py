@@ -147,3 +147,13 @@ def test_touching_the_solver_reruns_only_the_stages_downstream_of_it(tmp_path):
     os.utime(repo / "cbo_utils" / "report.py", (t + 300, t + 300))
     out = subprocess.run(base + targets, cwd=repo, capture_output=True, text=True).stdout
     assert [ln.split()[3] for ln in out.splitlines() if ln.startswith("echo RUN run")] == ["06_report"], out
+
+
+def test_readme_carries_the_generated_paper_items_table():
+    from cbo_utils.report import README_BEGIN, README_END, paper_items_table
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip()
+    assert block == paper_items_table(), "run `python -m cbo_utils.report readme`"
+    for nb in NOTEBOOKS:   # every notebook appears in the map
+        assert nb in block or nb[:2] in block
