@@ -67,3 +67,38 @@ def test_device_map_auto_gradients_and_verify(tmp_path):
     torch.testing.assert_close(got.A, ref.A, rtol=2e-3, atol=1e-5)
     out = export_pruned(AutoModelForCausalLM.from_pretrained(tmp_path / "dense"), tok, [2], tmp_path / "p")
     assert verify_export(out, sharded, tok)["ok"]
+
+
+def test_cuda_distillation_step_equals_cpu_and_bf16_runs(tmp_path):
+    """One KD step on the GPU equals the CPU step (fp32); a bf16 student with a bf16 teacher trains and lowers
+    the held-out KL; the NF4 teacher loads where bitsandbytes is installed."""
+    from test_distill import random_data, teacher_student
+
+    from cbo_utils.distill import DistillConfig, distill
+
+    teacher, s_cpu, tok = teacher_student()
+    data = random_data(tok)
+    cfg = DistillConfig(lr=1e-2, batch_size=4, micro_batch_size=2, max_steps=1, warmup_steps=0, save_every=0)
+    distill(s_cpu, teacher, tok, data, cfg, tmp_path / "cpu", progress=False, save_model=False)
+    _, s_gpu, _ = teacher_student()
+    distill(s_gpu.cuda(), copy.deepcopy(teacher).cuda(), tok, data, cfg, tmp_path / "gpu", progress=False,
+            save_model=False)
+    for (n, a), (_, b) in zip(s_cpu.named_parameters(), s_gpu.named_parameters()):
+        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-3, atol=2e-5, msg=n)
+    _, s16, _ = teacher_student()
+    cfg16 = DistillConfig(lr=1e-3, batch_size=4, micro_batch_size=2, epochs=3.0, warmup_steps=1, save_every=0)
+    res = distill(s16.cuda().to(torch.bfloat16), copy.deepcopy(teacher).cuda().to(torch.bfloat16), tok, data,
+                  cfg16, tmp_path / "bf16", progress=False, save_model=False)
+    assert res.heldout_kl_after < res.heldout_kl_before
+
+
+def test_cuda_nf4_teacher_loads_when_bitsandbytes_is_present(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from cbo_utils.distill import load_teacher
+
+    model, tok = build_tiny("tiny-llama")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    teacher, _ = load_teacher(str(tmp_path / "m"), "nf4")
+    ids = torch.randint(3, len(tok), (1, 12), device="cuda")
+    assert torch.isfinite(teacher(ids).logits).all()

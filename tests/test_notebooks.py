@@ -157,3 +157,23 @@ def test_readme_carries_the_generated_paper_items_table():
     assert block == paper_items_table(), "run `python -m cbo_utils.report readme`"
     for nb in NOTEBOOKS:   # every notebook appears in the map
         assert nb in block or nb[:2] in block
+
+
+def test_paper_profile_stops_early_when_the_models_cannot_be_reached():
+    import os
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "cbo_utils.notebooks", "check", "--profile", "paper"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "cannot reach 'meta-llama/Llama-3.1-8B-Instruct'" in r.stderr and "PROFILE=mini" in r.stderr
+    ok = subprocess.run([sys.executable, "-m", "cbo_utils.notebooks", "check", "--profile", "tiny"], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "reachable" in ok.stdout
+
+
+def test_paper_graph_uses_slugs_for_hub_ids():
+    text = make_graph("paper")
+    assert "results/paper/meta-llama__Llama-3.1-8B-Instruct/gradients.safetensors:" in text
+    assert "--model meta-llama/Llama-3.1-8B-Instruct" in text
