@@ -37,7 +37,7 @@ test-fast: venv  ## the suite without the slow tests (real model, accelerate pro
 	$(OFFLINE) $(VPY) -m pytest -q -m "not slow" tests
 
 lint: venv  ## ruff
-	$(VENV)/bin/ruff check cbo_utils tests benchmarks
+	$(VENV)/bin/ruff check cbo_utils tests benchmarks notebooks
 
 bench: venv  ## enumeration benchmark: states/s against a naive implementation, side by side
 	$(VPY) benchmarks/bench_enumeration.py --N 32 --M 8 --k 100
