@@ -139,17 +139,53 @@ def provenance(kind: str, parameters: Mapping[str, Any] | None = None, inputs: M
         "inputs": {},
         "versions": package_versions(),
         "git_revision": git_revision(),
-        "command": " ".join(sys.argv),
+        "command": _portable_command(sys.argv),
         "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
     for role, p in (inputs or {}).items():
         p = Path(p)
-        entry: dict[str, Any] = {"path": str(p)}
+        entry: dict[str, Any] = {"path": portable_path(p)}
         if p.is_file():
             entry["sha256"] = file_sha256(p)
         rec["inputs"][role] = entry
     rec.update(extra)
     return rec
+
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def portable_path(path: PathLike) -> str:
+    """How a path is recorded in provenance: relative to the repository when inside it, ``$CBO_CACHE/...`` when in
+    the model cache, else as given — so committed records name no machine-specific directory."""
+    p = Path(path)
+    try:
+        return Path(os.path.relpath(p.resolve(), _REPO)).as_posix() if p.resolve().is_relative_to(_REPO) else (
+            _cache_relative(p) or str(p))
+    except (OSError, ValueError):
+        return str(p)
+
+
+def cache_dir() -> Path:
+    """Where converted models and other derived files live (``$CBO_CACHE``, default ``~/.cache/cbo_utils``)."""
+    return Path(os.environ.get("CBO_CACHE", Path.home() / ".cache" / "cbo_utils")).expanduser()
+
+
+def _cache_relative(p: Path) -> str | None:
+    cache = cache_dir().resolve()
+    return f"$CBO_CACHE/{p.resolve().relative_to(cache).as_posix()}" if p.resolve().is_relative_to(cache) else None
+
+
+def _portable_command(argv: list[str]) -> str:
+    """``sys.argv`` as a command a reader can rerun: ``python -m cbo_utils.x …`` for the package's modules."""
+    if not argv:
+        return ""
+    head = Path(argv[0])
+    if head.suffix == ".py" and head.resolve().parent == _REPO / "cbo_utils":
+        first = f"python -m cbo_utils.{head.stem}"
+    else:
+        first = portable_path(head) if head.is_absolute() else argv[0]
+    return " ".join([first, *(portable_path(a) if Path(a).is_absolute() else a for a in argv[1:])])
 
 
 def write_sidecar(artifact: PathLike, record: Mapping[str, Any]) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import write_json
+from .artifacts import cache_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -18,11 +18,6 @@ SMOLLM2_NAMES = ("smollm2", "smollm2-135m", "SmolLM2-135M-Instruct")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """Where converted models and other derived files live (``$CBO_CACHE``, default ``~/.cache/cbo_utils``)."""
-    return Path(os.environ.get("CBO_CACHE", Path.home() / ".cache" / "cbo_utils")).expanduser()
 
 
 def parse_dtype(dtype) -> torch.dtype:

@@ -82,3 +82,22 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask   # as open() would make it, not mkstemp's 0600
+
+
+def test_provenance_names_no_machine_specific_directory(monkeypatch, tmp_path):
+    import sys
+
+    from cbo_utils import artifacts
+
+    repo = artifacts._REPO
+    f = repo / "configs" / "tiny.yaml"
+    monkeypatch.setattr(sys, "argv", [str(repo / "cbo_utils" / "hybrid.py"), "--profile", "mini", "--results",
+                                      str(repo / "results" / "mini")])
+    monkeypatch.setenv("CBO_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "m.json").write_text("{}")
+    rec = artifacts.provenance("x", inputs={"config": f, "cached": tmp_path / "cache" / "m.json"})
+    assert rec["command"] == "python -m cbo_utils.hybrid --profile mini --results results/mini"
+    assert rec["inputs"]["config"]["path"] == "configs/tiny.yaml" and rec["inputs"]["config"]["sha256"]
+    assert rec["inputs"]["cached"]["path"] == "$CBO_CACHE/m.json"
+    assert str(repo) not in str(rec["command"]) + str(rec["inputs"])
