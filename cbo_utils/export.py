@@ -8,15 +8,12 @@ An export folder holds what ``from_pretrained`` needs (config, safetensors weigh
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .artifacts import atomic_write_text, provenance, read_json, write_json
+from .artifacts import atomic_folder, atomic_write_text, provenance, read_json, write_json
 from .blocks import Gates, block_types, check_removal, get_adapter, num_blocks, remove_blocks
 from .models import model_device
 
@@ -41,10 +38,7 @@ def export_pruned(model, tokenizer, remove, out_dir, *, method: str = "manual", 
     remove = check_removal(model, remove)
     remove_blocks(model, remove)
     kept = [i for i in range(n_orig) if i not in set(remove)]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; an exported model is meant to be shared
-    try:
+    with atomic_folder(out_dir) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -62,12 +56,6 @@ def export_pruned(model, tokenizer, remove, out_dir, *, method: str = "manual", 
         }
         write_json(tmp / "removed_blocks.json", record)
         atomic_write_text(tmp / "README.md", _model_card(record, type(model).__name__))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

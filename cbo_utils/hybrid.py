@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .artifacts import (
+    atomic_folder,
     atomic_write_text,
     format_blocks,
     parse_blocks,
@@ -1664,10 +1665,7 @@ def prune_checkpoint_files(src_dir, remove, out_dir, *, overwrite: bool = False,
         return None if i not in new_of else f"{prefix}.{new_of[i]}.{m.group(3)}"
 
     new_config, cfg_rec = prune_config_dict(config, kept, n, remove)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
-    try:
+    with atomic_folder(out_dir) as tmp:
         written: list[tuple[str, dict[str, str]]] = []  # (temporary shard name, {new tensor name: shard})
         total_size = total_params = 0
         n_dropped = 0
@@ -1735,12 +1733,6 @@ def prune_checkpoint_files(src_dir, remove, out_dir, *, overwrite: bool = False,
         }
         write_json(tmp / "removed_blocks.json", record)
         atomic_write_text(tmp / "README.md", _model_card(record, (config.get("architectures") or ["?"])[0]))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
