@@ -333,45 +333,60 @@ def _state_label(row) -> str:
     return f"seed{int(row['seed'])}" if row["method"] == "random" else "selected"
 
 
-def _run_evaluations(model, tok, sels: pd.DataFrame, s: dict, results: Path, model_name: str, progress) -> None:
+def _missing(results: Path, key: dict, s: dict, retrained: bool) -> tuple[bool, list[str]]:
+    """What is still to measure for a selection: (held-out perplexity?, the lm-eval tasks not yet in the table)."""
+    from .results import _key_text
+
+    done = _done(results / "evaluations.csv", **key, retrained=retrained)
+    have = {(t, _key_text(lim)) for t, lim in zip(done.get("task", []), done.get("limit", []))}
+    return ("heldout_ppl", "") not in have, [t for t in s["tasks"] if (t, _key_text(s["limit"])) not in have]
+
+
+def _measure(model, tok, key: dict, removed_blocks: str, removed, s: dict, results: Path, retrained: bool,
+             need_ppl: bool, todo: Sequence[str], windows=None) -> None:
+    """Held-out perplexity and the lm-eval ``todo`` tasks of one selection (gated with ``removed`` when given),
+    appended to ``evaluations.csv`` — the one way every selection is measured, before and after retraining."""
     from .calibration import heldout_text
     from .evaluate import perplexity, perplexity_windows
     from .lmeval import evaluate_tasks, lm_eval_version, task_split
-    from .results import _key_text, add_evaluations
+    from .results import add_evaluations
 
-    table = results / "evaluations.csv"
+    common = {**key, "retrained": retrained, "removed_blocks": removed_blocks}
+    if need_ppl:
+        if windows is None:
+            windows = perplexity_windows(tok, heldout_text(), seq_len=s["ppl_seq_len"], windows=s["ppl_windows"])
+        t0 = time.perf_counter()
+        p = perplexity(model, windows, removed=removed or None)
+        add_evaluations(results, [{**common, "task": "heldout_ppl", "metric": "perplexity", "value": p["perplexity"],
+                                   "stderr": None, "n": p["tokens"], "limit": None, "lm_eval_version": None,
+                                   "split": "boolq passages", "seconds": round(time.perf_counter() - t0, 2)}])
+    if todo:
+        t0 = time.perf_counter()
+        res = evaluate_tasks(model, tok, list(todo), limit=s["limit"], removed=removed or None,
+                             source=s["task_source"])
+        secs = round(time.perf_counter() - t0, 2)
+        add_evaluations(results, [{**common, **r, "limit": s["limit"], "lm_eval_version": lm_eval_version(),
+                                   "split": r.get("split") or task_split(r["task"], s["task_source"]),
+                                   "seconds": secs} for r in res if r["task"] in todo])
+
+
+def _run_evaluations(model, tok, sels: pd.DataFrame, s: dict, results: Path, model_name: str, progress) -> None:
+    from .calibration import heldout_text
+    from .evaluate import perplexity_windows
+
     windows = perplexity_windows(tok, heldout_text(), seq_len=s["ppl_seq_len"], windows=s["ppl_windows"])
     rows = [{"method": "dense", "M": 0, "removed_blocks": "", "seed": 0}] + sels.to_dict("records")
-    version = lm_eval_version()
     for row in rows:
         label = "selected" if row["method"] == "dense" else _state_label(row)
         key = {"model": model_name, "method": row["method"], "M": int(row["M"]), "state": label}
-        done = _done(table, **key, retrained=False)
-        have = {(t, _key_text(lim)) for t, lim in zip(done.get("task", []), done.get("limit", []))}
-        need_ppl = ("heldout_ppl", "") not in have
+        need_ppl, todo = _missing(results, key, s, retrained=False)
         zs = s["zero_shot_methods"]
-        todo = [t for t in s["tasks"] if (t, _key_text(s["limit"])) not in have]
         if zs != "all" and row["method"] not in set(zs) | {"dense"}:
             todo = []
         if not need_ppl and not todo:
             continue  # resuming: nothing left to measure (and no SWM copy to build)
         m, removed = _evaluation_model(model, row) if row["method"] != "dense" else (model, None)
-        common = {**key, "retrained": False, "removed_blocks": row.get("removed_blocks", "")}
-        if need_ppl:
-            t0 = time.perf_counter()
-            p = perplexity(m, windows, removed=removed or None)
-            add_evaluations(results, [{**common, "task": "heldout_ppl", "metric": "perplexity",
-                                       "value": p["perplexity"], "stderr": None, "n": p["tokens"], "limit": None,
-                                       "lm_eval_version": None, "split": "boolq passages",
-                                       "seconds": round(time.perf_counter() - t0, 2)}])
-        if todo:
-            t0 = time.perf_counter()
-            res = evaluate_tasks(m, tok, todo, limit=s["limit"], removed=removed or None,
-                                 source=s["task_source"])
-            secs = round(time.perf_counter() - t0, 2)
-            add_evaluations(results, [{**common, **r, "limit": s["limit"], "lm_eval_version": version,
-                                       "split": r.get("split") or task_split(r["task"], s["task_source"]),
-                                       "seconds": secs} for r in res if r["task"] in todo])
+        _measure(m, tok, key, row.get("removed_blocks", ""), removed, s, results, False, need_ppl, todo, windows)
         if progress:
             print(f"  [{model_name}] evaluated {row['method']} M={row['M']} {label}", flush=True)
         del m

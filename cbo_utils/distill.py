@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -513,7 +514,7 @@ def distill(student, teacher, tokenizer, data: KDData, cfg: DistillConfig, out_d
             ids, att = _collate(mine[j * cfg.micro_batch_size:(j + 1) * cfg.micro_batch_size], pad_id)
             with torch.no_grad():
                 t_logits = teacher(input_ids=ids.to(tdev), attention_mask=att.to(tdev)).logits.to(dev)
-            ctx = accelerator.no_sync(model) if accelerator is not None and j < accum - 1 else _null()
+            ctx = accelerator.no_sync(model) if accelerator is not None and j < accum - 1 else nullcontext()
             with ctx:
                 s_logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits
                 # sum over this micro-batch / global tokens; × world because DDP averages gradients over processes
@@ -573,14 +574,6 @@ def distill(student, teacher, tokenizer, data: KDData, cfg: DistillConfig, out_d
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return DistillResult(steps_done, total_steps, tokens, t_spent, losses, kl_before, kl_after, start, out_dir, meta)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:

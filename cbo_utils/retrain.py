@@ -179,31 +179,12 @@ def run_retrain(profile: str, results: Path | None = None, models: Sequence[str]
 def _evaluate(model, tok, sel: dict, cs: dict, s: dict, results: Path, model_name: str, retrained: bool,
               removed: list[int] | None) -> None:
     """Held-out perplexity and the lm-eval tasks of the comparison harness, for one selection, unless present."""
-    from .calibration import heldout_text
-    from .compare import _done
-    from .evaluate import perplexity, perplexity_windows
-    from .lmeval import evaluate_tasks, lm_eval_version, task_split
-    from .results import _key_text, add_evaluations
+    from .compare import _measure, _missing
 
     key = {"model": model_name, "method": sel["method"], "M": int(sel["M"]), "state": "selected"}
-    done = _done(results / "evaluations.csv", **key, retrained=retrained)
-    have = {(t, _key_text(lim)) for t, lim in zip(done.get("task", []), done.get("limit", []))}
-    common = {**key, "retrained": retrained, "removed_blocks": sel["removed_blocks"]}
-    if ("heldout_ppl", "") not in have:
-        windows = perplexity_windows(tok, heldout_text(), seq_len=cs["ppl_seq_len"], windows=cs["ppl_windows"])
-        t0 = time.perf_counter()
-        p = perplexity(model, windows, removed=removed or None)
-        add_evaluations(results, [{**common, "task": "heldout_ppl", "metric": "perplexity", "value": p["perplexity"],
-                                   "stderr": None, "n": p["tokens"], "limit": None, "lm_eval_version": None,
-                                   "split": "boolq passages", "seconds": round(time.perf_counter() - t0, 2)}])
-    todo = [t for t in cs["tasks"] if (t, _key_text(cs["limit"])) not in have] if s["evaluate_zero_shot"] else []
-    if todo:
-        t0 = time.perf_counter()
-        res = evaluate_tasks(model, tok, todo, limit=cs["limit"], removed=removed or None, source=cs["task_source"])
-        secs = round(time.perf_counter() - t0, 2)
-        add_evaluations(results, [{**common, **r, "limit": cs["limit"], "lm_eval_version": lm_eval_version(),
-                                   "split": r.get("split") or task_split(r["task"], cs["task_source"]),
-                                   "seconds": secs} for r in res if r["task"] in todo])
+    need_ppl, todo = _missing(results, key, cs, retrained)
+    _measure(model, tok, key, sel["removed_blocks"], removed, cs, results, retrained, need_ppl,
+             todo if s["evaluate_zero_shot"] else [])
 
 
 def before_after_table(results: Path, tasks: Sequence[str]) -> pd.DataFrame:
