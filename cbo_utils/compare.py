@@ -225,11 +225,9 @@ def run_compare(profile: str, results: Path | None = None, models: Sequence[str]
 
     from .calibration import load_calibration
     from .models import load_model
-    from .pipeline import _m_values, _slug, load_profile
+    from .pipeline import _m_values, _slug, profile_with
 
-    cfg = load_profile(profile)
-    if compare is not None:
-        cfg = {**cfg, "compare": compare}
+    cfg = profile_with(profile, "compare", compare)
     s = compare_settings(cfg)
     if s["threads"]:
         torch.set_num_threads(int(s["threads"]))

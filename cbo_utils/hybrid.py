@@ -1205,12 +1205,10 @@ def run_profile(profile: str, results: str | os.PathLike | None = None, progress
     checkpoint. Returns :func:`run_hybrid_experiment`'s dict plus ``"model_info"`` and ``"seconds"``. ``hybrid``: the
     profile's ``hybrid:`` section to use instead of the file's (the notebooks pass their parameter)."""
     from .calibration import CalibrationSet, embedded
-    from .pipeline import load_profile
+    from .pipeline import profile_with
 
     t0 = time.perf_counter()
-    cfg = load_profile(profile)
-    if hybrid is not None:
-        cfg = {**cfg, "hybrid": dict(hybrid)}
+    cfg = profile_with(profile, "hybrid", hybrid)
     s = hybrid_settings(cfg)
     if s["threads"]:
         torch.set_num_threads(int(s["threads"]))

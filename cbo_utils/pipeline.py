@@ -34,6 +34,13 @@ def load_profile(name_or_path: str) -> dict:
     return yaml.safe_load(p.read_text())
 
 
+def profile_with(profile: str, section: str, override=None) -> dict:
+    """The profile, with its ``section`` (``compare``, ``retrain``, ``hybrid``) replaced by ``override`` when given
+    (how the notebooks pass their parameter to a stage)."""
+    cfg = load_profile(profile)
+    return cfg if override is None else {**cfg, section: dict(override)}
+
+
 def _slug(model: str) -> str:
     return model.replace("/", "__")
 

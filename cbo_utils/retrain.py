@@ -97,12 +97,10 @@ def run_retrain(profile: str, results: Path | None = None, models: Sequence[str]
 
     from .compare import _done, compare_settings
     from .distill import distill, kd_data, load_teacher
-    from .pipeline import _m_values, _slug, load_profile
+    from .pipeline import _m_values, _slug, profile_with
     from .results import upsert_rows
 
-    cfg = load_profile(profile)
-    if retrain is not None:
-        cfg = {**cfg, "retrain": retrain}
+    cfg = profile_with(profile, "retrain", retrain)
     s = retrain_settings(cfg)
     cs = compare_settings(cfg)
     if cs["threads"]:
