@@ -109,7 +109,7 @@ DEFAULTS: dict[str, Any] = {
     "points_per_sample": 2,
     "spearman": {"lowest": 30, "random": 20, "variants": ["cbo-paper", "cbo-taylor", "cbo-sd"], "ppl_windows": 8},
     "zero_shot_methods": "all",
-    "threads": None, "models": None,
+    "threads": None, "models": None, "M_values": None,
 }
 
 
@@ -244,7 +244,7 @@ def run_compare(profile: str, results: Path | None = None, models: Sequence[str]
         fit = type(calib)(calib.samples[:n_fit], {**calib.recipe, "part": f"windows 0..{n_fit - 1} (gradients)"})
         heldout = type(calib)(calib.samples[n_fit:], {**calib.recipe,
                                                       "part": f"windows {n_fit}..{len(calib) - 1} (re-ranking)"})
-        Ms = list(M_values or _m_values(cfg, model_name))
+        Ms = list(M_values or s.get("M_values") or _m_values(cfg, model_name))
         base = {"model": model_name, "calibration_tokens": calib.tokens, "calibration_sha256": calib.sha256}
         if "select" in stages:
             for M in Ms:
@@ -408,10 +408,11 @@ def _run_correlations(model, tok, out: Path, Ms, s, results: Path, model_name: s
     ppl_cols = ["model", "M", "removed_blocks", "perplexity", "windows", "seq_len"]
     ppl_key = ["model", "M", "removed_blocks"]
     corr_rows, energy_rows = [], []
-    zs = sp.get("zero_shot")  # None, or {tasks: [...], limit: n}: also the zero-shot mean of every state
+    zs = sp.get("zero_shot")  # None, or {tasks: [...], limit: n, M: [..]}: also the zero-shot mean of every state
     if zs:
         from .lmeval import evaluate_tasks, zero_shot_mean
     for M in Ms:
+        zs_M = bool(zs) and (not zs.get("M") or M in zs["M"])  # zero-shot per state at this M?
         done = _done(ppl_table, model=model_name, M=M)
         have = {r["removed_blocks"]: r for r in done.to_dict("records")}
         for name in sp["variants"]:
@@ -433,7 +434,7 @@ def _run_correlations(model, tok, out: Path, Ms, s, results: Path, model_name: s
             new = []
             for _kind, _rank, blocks, _e in cand:
                 rec = have.get(blocks)
-                need_zs = bool(zs) and (rec is None or pd.isna(rec.get("zero_shot_mean", np.nan)))
+                need_zs = zs_M and (rec is None or pd.isna(rec.get("zero_shot_mean", np.nan)))
                 if rec is not None and not need_zs:
                     continue
                 if rec is None:
@@ -463,7 +464,7 @@ def _run_correlations(model, tok, out: Path, Ms, s, results: Path, model_name: s
                    "random": len(cand) - nl, "spearman_all": spearman(es, lp),
                    "spearman_lowest": spearman(es[:nl], lp[:nl]) if nl > 2 else float("nan"),
                    "spearman_random": spearman(es[nl:], lp[nl:]) if len(cand) - nl > 2 else float("nan")}
-            if zs:  # higher accuracy is better: a good energy has a NEGATIVE ρ with accuracy
+            if zs_M:  # higher accuracy is better: a good energy has a NEGATIVE ρ with accuracy
                 acc = np.array([float(have[c[2]]["zero_shot_mean"]) for c in cand])
                 row["spearman_zero_shot"] = spearman(es, acc)
             corr_rows.append(row)
