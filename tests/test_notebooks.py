@@ -48,6 +48,11 @@ def test_notebook_hygiene(name):
     for node in ast.parse(tagged[0].source).body:   # literals only: papermill replaces literals
         assert isinstance(node, ast.Assign)
         ast.literal_eval(node.value)
+    # papermill's own parser must see every parameter (it warns "unknown parameter" on lines it cannot parse, e.g.
+    # an "=" inside a comment)
+    import papermill
+
+    assert set(papermill.inspect_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"))) == set(_parameters(name))
 
 
 @pytest.mark.parametrize("profile", PROFILES)
