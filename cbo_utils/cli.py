@@ -155,22 +155,50 @@ def cmd_solve(args) -> int:
     n_states = math.comb(len(problem.free), problem.M_free)
     if args.solver == "exact" and n_states > EXACT_STATE_LIMIT and not args.force:
         raise CLIError(f"exact enumeration of C({len(problem.free)}, {problem.M_free}) = {n_states:.3g} states would "
-                       f"take hours or more (≈ 5·10⁷ states/s on 2 cores); use --solver tabu or --solver sa, restrict "
-                       "the problem (--keep, --only-types), or pass --force to enumerate anyway")
+                       f"take hours or more (≈ 10⁸ states/s on 2 cores); use --solver tabu or --solver sa with --bound "
+                       "(a certified gap), restrict the problem (--keep, --only-types), or pass --force to enumerate "
+                       "anyway (--checkpoint makes it resumable)")
+    if args.time_limit is not None and args.solver != "tabu":
+        raise CLIError(f"--time-limit applies to --solver tabu (split over its reads); {args.solver} is bounded by its "
+                       "work instead (exact: C(N, M) states, resumable with --checkpoint; sa: --reads/--sweeps)")
     kw = {}
     if args.solver == "sa":
         kw.update(num_reads=args.reads or 1000, num_sweeps=args.sweeps)
     elif args.solver == "tabu":
-        kw.update(num_reads=args.reads or 20, timeout_ms=args.timeout_ms)
+        reads = args.reads or 20
+        ms = args.timeout_ms if args.time_limit is None else max(1, int(1000 * args.time_limit / reads))
+        kw.update(num_reads=reads, timeout_ms=ms)
+    if args.checkpoint:
+        if args.solver != "exact":
+            raise CLIError("--checkpoint applies to --solver exact")
+        kw.update(checkpoint=args.checkpoint)
     t0 = time.perf_counter()
     df = solve(problem, solver=args.solver, k=args.k, seed=args.seed, **kw)
+    info = df.attrs["solver_info"]
+    if args.bound and "lower_bound" not in info:
+        if info.get("solver") in ("exact", "brute_force"):  # exact: the optimum is its own bound
+            info.update(lower_bound=float(df["energy"].iloc[0]), gap=0.0, proven_optimal=True)
+        else:
+            from .bounds import lower_bound
+
+            lb = lower_bound(problem, time_limit=args.bound_time_limit)
+            best = float(df["energy"].iloc[0])
+            tol = 1e-9 * max(1.0, abs(best))
+            info.update(lower_bound=lb["bound"], gap=best - lb["bound"], proven_optimal=best <= lb["bound"] + tol,
+                        bound_method=lb["method"], bound_time_s=lb["time_s"])
     dt = time.perf_counter() - t0
     rec = provenance("states", {"M": args.M, "k": args.k, "solver": args.solver, "energy": args.energy,
                                 "hessian_kind": args.hessian_kind, "keep": args.keep, "remove": args.remove,
-                                "only_types": args.only_types, "seed": args.seed, **kw},
+                                "only_types": args.only_types, "seed": args.seed, "bound": args.bound,
+                                **{a: (str(b) if a == "checkpoint" else b) for a, b in kw.items()}},
                      inputs={"hessian": _gradient_file(args.hessian)}, seconds=round(dt, 4))
     write_states_csv(df, args.out, rec)
     print(df.head(min(len(df), 10)).to_string(index=False))
+    if "lower_bound" in info:
+        best = float(df["energy"].iloc[0])
+        rel = info["gap"] / abs(best) if best else float("nan")
+        status = "proven optimal" if info.get("proven_optimal") else f"gap {info['gap']:.6g} ({rel:.2%} of the best)"
+        print(f"best energy {best:.10g}; certified lower bound {info['lower_bound']:.10g}: {status}")
     print(f"wrote {args.out} ({len(df)} states, {dt:.2f} s) and {sidecar_path(args.out)}")
     return 0
 
@@ -338,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hessian", required=True, help="folder or file from `cbo gradients`, or a .pt m×N tensor")
     p.add_argument("-M", type=_positive, required=True, help="number of blocks to remove")
     p.add_argument("-k", type=_positive, default=20, help="number of lowest states to return")
-    p.add_argument("--solver", default="exact", choices=["exact", "sa", "tabu"])
+    p.add_argument("--solver", default="exact", choices=["exact", "sa", "tabu"],
+                   help="exact: enumeration of the k lowest, pruned by certified bounds; sa, tabu: heuristics")
     p.add_argument("--energy", default="fisher", choices=["fisher", "taylor"],
                    help="fisher: xᵀHx (the paper); taylor: −gᵀx + ½xᵀHx")
     p.add_argument("--hessian-kind", default="fisher", choices=["fisher", "exact"])
@@ -350,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reads", type=_positive, help="samples for sa/tabu")
     p.add_argument("--sweeps", type=_positive, default=1000, help="sweeps per SA read")
     p.add_argument("--timeout-ms", type=_positive, default=200, help="time per tabu read")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds for tabu (split over its reads)")
+    p.add_argument("--bound", action="store_true",
+                   help="also compute a certified lower bound on the ground-state energy and report the gap")
+    p.add_argument("--bound-time-limit", type=float, default=10.0, help="seconds for the bound (--bound)")
+    p.add_argument("--checkpoint", help="exact: save the enumeration here; a rerun resumes an interrupted one")
     p.add_argument("--out", required=True, help="states CSV (rank, energy, removed_blocks, ...)")
     p.set_defaults(func=cmd_solve)
 

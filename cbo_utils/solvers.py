@@ -231,9 +231,11 @@ class _Side:
                 E += 2.0 * self.Q[T[:, a], T[:, b]]
         return E
 
-    def row_operand(self, start: int, stop: int, other: _Side) -> tuple[np.ndarray, np.ndarray]:
-        """``[2·F_T restricted to the other side's range, E_T, 1]`` and the subsets ``T``."""
-        T = self.subsets(start, stop)
+    def row_operand(self, start: int, stop: int, other: _Side, T: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """``[2·F_T restricted to the other side's range, E_T, 1]`` and the subsets ``T`` (those of colex ranks
+        ``start..stop-1``, or the given rows ``T``)."""
+        T = self.subsets(start, stop) if T is None else T
         w = other.hi - other.lo
         A = np.zeros((T.shape[0], w + 2))
         F = A[:, :w]
@@ -257,10 +259,156 @@ class _Side:
         return B, T
 
 
-def _enumerate_lowest(Q: np.ndarray, m: int, K: int, chunk_elems: int, device, bar) -> tuple[np.ndarray, np.ndarray,
-                                                                                                 dict]:
+class _Pruner:
+    """Certified lower bounds on every completion of a partial state of the split enumeration.
+
+    From the convexification of :func:`cbo_utils.bounds.convexify` (``P ⪰ 0``), made strictly positive definite by
+    moving ``δ`` from the linear to the quadratic part (``P + δI``, ``c − δ``; an identity on binary states), every
+    state ``x = (x_X, x_Y)`` over the two halves has ``E(x) = xᵀPx + cᵀx − μm²``. Minimising ``xᵀPx`` over a *real*
+    ``x_Y`` leaves the Schur complement ``G_X = P_XX − P_XY P_YY⁻¹ P_YX ⪰ 0``, so for a subset ``T`` of one half and
+    any ``S`` of the other ``E(T ∪ S) ≥ c_T + 1_TᵀG_X1_T + min_S c_S − μm²`` — a bound per row (and per column) of a
+    matmul block, checked before the block is computed: rows and columns whose bound exceeds the current cut-off (the
+    k-th best energy so far, or the warm start's) are dropped, and the exact k lowest are unchanged.
+    """
+
+    def __init__(self, Q: np.ndarray, m: int, split: int, time_limit: float | None):
+        import scipy.linalg
+
+        from .bounds import convexify
+
+        n = Q.shape[0]
+        t0 = time.perf_counter()
+        conv = convexify(Q, m, time_limit=time_limit)
+        P = Q - np.diag(conv.d) + conv.mu + (conv.v[:, None] + conv.v[None, :]) / 2.0
+        self.delta = 1e-3 * float(np.abs(np.diag(P)).max() + 1e-300) + max(0.0, -conv.lam_min)
+        P = P + self.delta * np.eye(n)
+        self.P = P
+        self.c = conv.d - self.delta - m * conv.v
+        self.const = -conv.mu * m * m
+        self.G: dict[int, np.ndarray] = {}
+        self.h: dict[int, np.ndarray] = {}
+        self.s: dict[int, float] = {}
+        for lo, hi in ((0, split), (split, n)):
+            X = np.arange(lo, hi)
+            Y = np.setdiff1d(np.arange(n), X)
+            if Y.size:
+                cf = scipy.linalg.cho_factor(P[np.ix_(Y, Y)])
+                G = P[np.ix_(X, X)] - P[np.ix_(X, Y)] @ scipy.linalg.cho_solve(cf, P[np.ix_(Y, X)])
+                w = scipy.linalg.cho_solve(cf, np.ones(Y.size))  # P_YY⁻¹1
+                self.h[lo] = P[np.ix_(X, Y)] @ w
+                self.s[lo] = float(w.sum())
+            else:
+                G = P[np.ix_(X, X)]
+                self.h[lo], self.s[lo] = np.zeros(X.size), math.inf
+            self.G[lo] = (G + G.T) / 2.0
+        size = float(np.abs(self.c).max()) * m + max(float(np.abs(g).max()) for g in self.G.values()) * m * m
+        self.margin = 1e-9 * (size + abs(self.const)) + 1e-300  # rounding of G and of the sums, generously
+        self.root_bound = conv.bound
+        self.time_s = time.perf_counter() - t0
+
+    def partial(self, side: _Side, T: np.ndarray, q: int) -> np.ndarray:
+        """``c_T + min {xᵀPx : x_X = 1_T, x_Y real, 1ᵀx_Y = q} = c_T + 1_TᵀG1_T + (q + h_T)²/s`` for the rows ``T``
+        (absolute indices) of one half, ``h = P_XY P_YY⁻¹1``, ``s = 1ᵀP_YY⁻¹1``."""
+        G, Tl = self.G[side.lo], T - side.lo
+        out = self.c[T].sum(axis=1) if T.shape[1] else np.zeros(T.shape[0])
+        for a in range(T.shape[1]):
+            out += G[Tl[:, a], Tl[:, a]]
+            for b in range(a + 1, T.shape[1]):
+                out += 2.0 * G[Tl[:, a], Tl[:, b]]
+        if np.isfinite(self.s[side.lo]):
+            hT = self.h[side.lo][Tl].sum(axis=1) if T.shape[1] else np.zeros(T.shape[0])
+            out += (q + hT) ** 2 / self.s[side.lo]
+        return out
+
+    def norms(self, side: _Side, T: np.ndarray) -> np.ndarray:
+        """``‖1_T‖_P = sqrt(1_TᵀP_XX1_T)`` for rows ``T`` of one half (for the pair bound)."""
+        P, Tl = self.P, T
+        out = np.zeros(T.shape[0])
+        for a in range(T.shape[1]):
+            out += P[Tl[:, a], Tl[:, a]]
+            for b in range(a + 1, T.shape[1]):
+                out += 2.0 * P[Tl[:, a], Tl[:, b]]
+        return np.sqrt(np.maximum(out, 0.0))
+
+    def cheapest(self, side: _Side) -> float:
+        """The smallest ``c_S`` over the ``side.r``-subsets of one half."""
+        return float(np.sort(self.c[side.lo:side.hi])[: side.r].sum())
+
+
+def _lower_envelope(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The lower envelope ``min_j (alpha_j + beta_j·t)`` of lines: (breakpoints, alpha, beta) of its pieces, for
+    :func:`_envelope_at`."""
+    order = np.lexsort((alpha, -beta))  # slopes decreasing (the envelope's pieces left to right), lowest first
+    a_s, b_s = alpha[order], beta[order]
+    keep = np.concatenate([[True], b_s[1:] != b_s[:-1]])  # equal slopes: the lowest line only
+    a_s, b_s = a_s[keep], b_s[keep]
+    hull_a: list[float] = []
+    hull_b: list[float] = []
+    for a, b in zip(a_s.tolist(), b_s.tolist()):
+        while len(hull_a) >= 2:
+            # the last line is useless if the new one crosses the one before it no later than the last does
+            a1, b1, a2, b2 = hull_a[-2], hull_b[-2], hull_a[-1], hull_b[-1]
+            if (a - a1) * (b1 - b2) <= (a2 - a1) * (b1 - b):
+                hull_a.pop()
+                hull_b.pop()
+            else:
+                break
+        hull_a.append(a)
+        hull_b.append(b)
+    ha, hb = np.array(hull_a), np.array(hull_b)
+    xs = (ha[1:] - ha[:-1]) / (hb[:-1] - hb[1:])  # where piece j+1 takes over from piece j
+    return xs, ha, hb
+
+
+def _envelope_at(env: tuple[np.ndarray, np.ndarray, np.ndarray], t: np.ndarray) -> np.ndarray:
+    xs, ha, hb = env
+    j = np.searchsorted(xs, t, side="right")
+    # evaluate the neighbouring pieces too: rounding in the breakpoints never overestimates the minimum
+    lo = np.maximum(j - 1, 0)
+    hi = np.minimum(j + 1, ha.size - 1)
+    return np.minimum(np.minimum(ha[j] + hb[j] * t, ha[lo] + hb[lo] * t), ha[hi] + hb[hi] * t)
+
+
+def _warm_cutoff(Q: np.ndarray, m: int, K: int, seed: int = 0, starts: int = 64) -> float:
+    """An upper bound on the K-th lowest energy: the K-th lowest of distinct states found by steepest-descent swaps
+    from ``starts`` random starts (and the m cheapest diagonal entries) and the one-swap neighbours of the 16 best
+    local minima (``inf`` if fewer than K distinct states). Any K distinct feasible states bound it from above."""
+    n = Q.shape[0]
+    if math.comb(n, m) <= K:
+        return math.inf
+    rng = np.random.default_rng(seed)
+    X = np.zeros((starts, n))
+    X[0, np.argsort(np.diag(Q), kind="stable")[:m]] = 1.0
+    for s in range(1, starts):
+        X[s, rng.choice(n, m, replace=False)] = 1.0
+    Xp, _, _ = polish_states(Q, X)
+    U = np.unique(Xp, axis=0).astype(np.float64)
+    E = np.einsum("bi,ij,bj->b", U, Q, U)
+    pool = [U]
+    for x in U[np.argsort(E, kind="stable")[:16]]:
+        ones, zeros = np.flatnonzero(x), np.flatnonzero(x == 0)
+        nb = np.repeat(x[None, :], ones.size * zeros.size, axis=0)
+        ii, jj = np.repeat(ones, zeros.size), np.tile(zeros, ones.size)
+        nb[np.arange(nb.shape[0]), ii] = 0.0
+        nb[np.arange(nb.shape[0]), jj] = 1.0
+        pool.append(nb)
+    S = np.unique(np.concatenate(pool).astype(np.int8), axis=0).astype(np.float64)
+    if S.shape[0] < K:
+        return math.inf
+    E = np.einsum("bi,ij,bj->b", S, Q, S)
+    return float(np.partition(E, K - 1)[K - 1])
+
+
+def _enumerate_lowest(Q: np.ndarray, m: int, K: int, chunk_elems: int, device, bar, checkpoint: Path | None = None,
+                      checkpoint_every_s: float = 60.0, prune: bool = True, bound_time_limit: float | None = 10.0
+                      ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Approximate energies and index sets (rows of ``m`` indices into ``range(n)``) of the ~K lowest m-subsets of
-    ``xᵀQx``, with every state within a small tolerance of the K-th included. See :func:`exact_lowest`."""
+    ``xᵀQx``, with every state within a small tolerance of the K-th included. See :func:`exact_lowest`.
+
+    ``checkpoint``: the running candidates and the number of finished chunks (matmul blocks, in their fixed order)
+    are saved there every ``checkpoint_every_s`` seconds; a rerun with the same ``Q``, ``m``, ``K`` and
+    ``chunk_elems`` skips the finished chunks. ``prune``: skip rows and columns of a block whose certified lower
+    bound (:class:`_Pruner`) exceeds the cut-off, which starts at a warm start's K-th energy (:func:`_warm_cutoff`)."""
     import torch
 
     n = Q.shape[0]
@@ -276,6 +424,20 @@ def _enumerate_lowest(Q: np.ndarray, m: int, K: int, chunk_elems: int, device, b
     top = _TopK(K, tol)
     col_tile_max = max(1, min(chunk_elems, _COL_TILE))
     n_blocks = n_pairs = 0
+    key = _enum_key(Q, m, K, chunk_elems)
+    skip, seen = _load_enum_checkpoint(checkpoint, key, top, mw) if checkpoint is not None else (0, 0)
+    if bar is not None and seen:
+        bar.update(seen)
+    resumed_chunks, last_save, chunk_id = skip, time.perf_counter(), 0
+    pruner, warm, pruned = None, math.inf, 0
+    if prune and 0 < mw < n:
+        pruner = _Pruner(Qw, mw, c, bound_time_limit)
+        t_w = time.perf_counter()
+        warm = _warm_cutoff(Qw, mw, K)
+        warm_time = time.perf_counter() - t_w
+
+    def cutoff() -> float:
+        return min(top.thr, warm) + tol
     for p in range(max(0, mw - (n - c)), min(c, mw) + 1):
         left, right = _Side(Qw, 0, c, p), _Side(Qw, c, n, mw - p)
         # the larger side is streamed as rows, the smaller one is the (tiled) column operand
@@ -285,28 +447,79 @@ def _enumerate_lowest(Q: np.ndarray, m: int, K: int, chunk_elems: int, device, b
         width = cols.hi - cols.lo + 2
         for c0 in range(0, cols.count, col_tile):
             c1 = min(cols.count, c0 + col_tile)
-            B_np, T_cols = cols.col_operand(c0, c1)
-            B = torch.from_numpy(B_np).to(device)
             row_step = max(1, min(chunk_elems // (c1 - c0), chunk_elems // max(n, width)))
+            n_row_chunks = -(-rows.count // row_step)
+            if chunk_id + n_row_chunks <= skip:  # finished before the interruption
+                chunk_id += n_row_chunks
+                continue
+            B_np, T_cols = cols.col_operand(c0, c1)
+            col_min = -math.inf
+            if pruner is not None:
+                cut0 = cutoff()
+                row_cheapest = pruner.cheapest(rows)
+                cpart = pruner.partial(cols, T_cols, rows.r)
+                ok = cpart + row_cheapest + pruner.const <= cut0 + pruner.margin
+                if not ok.all():
+                    B_np, T_cols = B_np[ok], T_cols[ok]
+                lin = pruner.c[T_cols].sum(axis=1) if T_cols.shape[1] else np.zeros(T_cols.shape[0])
+                col_min = float(lin.min()) if lin.size else math.inf
+                if lin.size:  # pair bound: c_T + c_S + (‖1_T‖_P − ‖1_S‖_P)² ≤ E − const, minimised over S
+                    b = pruner.norms(cols, T_cols)
+                    env = _lower_envelope(lin + b * b, -2.0 * b)
+            if T_cols.shape[0] == 0:  # every column of the tile pruned
+                todo = n_row_chunks - max(0, skip - chunk_id)  # (a resumed run counted the finished chunks)
+                numel_tile = (c1 - c0) * min(rows.count, todo * row_step)
+                chunk_id += n_row_chunks
+                seen += numel_tile
+                pruned += numel_tile
+                if bar is not None:
+                    bar.update(numel_tile)
+                continue
+            B = torch.from_numpy(B_np).to(device)
             for r0 in range(0, rows.count, row_step):
                 r1 = min(rows.count, r0 + row_step)
-                A_np, T_rows = rows.row_operand(r0, r1, cols)
+                chunk_id += 1
+                if chunk_id <= skip:
+                    continue
+                if checkpoint is not None and time.perf_counter() - last_save >= checkpoint_every_s:
+                    _save_enum_checkpoint(checkpoint, key, top, chunk_id - 1, seen, mw)
+                    last_save = time.perf_counter()
+                full = (r1 - r0) * (c1 - c0)
+                if pruner is not None:
+                    T_rows = rows.subsets(r0, r1)
+                    lb = pruner.partial(rows, T_rows, cols.r) + col_min
+                    a = pruner.norms(rows, T_rows)
+                    lin_r = pruner.c[T_rows].sum(axis=1) if T_rows.shape[1] else np.zeros(T_rows.shape[0])
+                    lb = np.maximum(lb, lin_r + a * a + _envelope_at(env, a))
+                    ok = lb + pruner.const <= cutoff() + pruner.margin
+                    if not ok.any():
+                        seen += full
+                        pruned += full
+                        if bar is not None:
+                            bar.update(full)
+                        continue
+                    A_np, T_rows = rows.row_operand(0, 0, cols, T=T_rows[ok])
+                else:
+                    A_np, T_rows = rows.row_operand(r0, r1, cols)
                 blk = torch.from_numpy(A_np).to(device) @ B.T  # E_rows + E_cols + 2·F_rows·1_cols
                 n_blocks += 1
                 numel = blk.numel()
+                pruned += full - numel
                 if top.count < K:
                     kk = min(K, numel)
                     cut = np.inf if kk == numel else float(torch.kthvalue(blk.reshape(-1), kk).values) + tol
+                    cut = min(cut, warm + tol)
                 else:
-                    cut = top.thr + tol
+                    cut = cutoff()
                 if np.isinf(cut):
                     hit = torch.ones_like(blk, dtype=torch.bool).nonzero()
                 else:
                     # one reduction pass over the block; the (rare) rows holding a hit are then searched exactly
                     row_ids = (blk.amin(dim=1) <= cut).nonzero().reshape(-1)
                     if row_ids.numel() == 0:
+                        seen += full
                         if bar is not None:
-                            bar.update(numel)
+                            bar.update(full)
                         continue
                     hit = (blk.index_select(0, row_ids) <= cut).nonzero()
                     hit[:, 0] = row_ids[hit[:, 0]]
@@ -320,8 +533,9 @@ def _enumerate_lowest(Q: np.ndarray, m: int, K: int, chunk_elems: int, device, b
                 top.add(vals, np.concatenate([T_rows[hit[:, 0]], T_cols[hit[:, 1]]], axis=1))
                 if top.count >= K and not np.isfinite(top.thr):
                     top.prune()
+                seen += full
                 if bar is not None:
-                    bar.update(numel)
+                    bar.update(full)
     vals, sets = top.result()
     sets = np.sort(sets, axis=1) if sets.size else sets.reshape(-1, mw)
     if complement:
@@ -329,12 +543,75 @@ def _enumerate_lowest(Q: np.ndarray, m: int, K: int, chunk_elems: int, device, b
         full[np.arange(sets.shape[0])[:, None], sets] = False
         sets = np.nonzero(full)[1].reshape(sets.shape[0], m)
     info = {"split": c, "complement": complement, "n_size_pairs": n_pairs, "n_blocks": n_blocks,
-            "candidates": int(vals.size), "candidates_truncated": top.truncated}
+            "candidates": int(vals.size), "candidates_truncated": top.truncated, "resumed_chunks": resumed_chunks,
+            "pruned_states": pruned, "pruned_fraction": pruned / max(1, math.comb(n, m))}
+    if pruner is not None:  # in the units of Q (the complement's constant 1ᵀQ1 added back)
+        back = float(Q.sum()) if complement else 0.0
+        info.update(root_bound=pruner.root_bound + back, bound_time_s=pruner.time_s, warm_cutoff=warm + back,
+                    warm_start_time_s=warm_time)
+    if checkpoint is not None and checkpoint.is_file():
+        checkpoint.unlink()
     return vals, sets, info
 
 
+_ENUM_FORMAT = "cbo-enumeration-checkpoint-1"
+
+
+def _enum_key(Q: np.ndarray, m: int, K: int, chunk_elems: int) -> str:
+    import hashlib
+
+    h = hashlib.sha256(np.ascontiguousarray(Q, dtype=np.float64).tobytes())
+    h.update(f"{m}:{K}:{chunk_elems}:{_COL_TILE}".encode())
+    return h.hexdigest()[:32]
+
+
+def _save_enum_checkpoint(path: Path, key: str, top: _TopK, chunks_done: int, seen: int, mw: int) -> None:
+    """The candidates so far and the number of finished chunks, atomically (safetensors + JSON header)."""
+    import os
+    import tempfile
+
+    from safetensors.numpy import save_file
+
+    top.prune()
+    vals = top.vals[0] if top.vals else np.zeros(0)
+    sets = top.sets[0] if top.sets else np.zeros((0, mw), dtype=np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"vals": np.ascontiguousarray(vals, dtype=np.float64),
+                   "sets": np.ascontiguousarray(sets, dtype=np.int64).reshape(-1, mw)}, tmp,
+                  metadata={"format": _ENUM_FORMAT, "key": key, "chunks_done": str(chunks_done), "seen": str(seen),
+                            "truncated": str(bool(top.truncated))})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load_enum_checkpoint(path: Path, key: str, top: _TopK, mw: int) -> tuple[int, int]:
+    """Restore the candidates of an interrupted enumeration; returns (finished chunks, states seen)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return 0, 0
+    with safe_open(str(path), framework="numpy") as fh:
+        meta = fh.metadata() or {}
+        if meta.get("format") != _ENUM_FORMAT or meta.get("key") != key:
+            raise ValueError(f"the checkpoint {path} belongs to another problem, k or chunk size; delete it or pass "
+                             "another checkpoint path")
+        vals, sets = fh.get_tensor("vals"), fh.get_tensor("sets").reshape(-1, mw)
+    if vals.size:
+        top.add(vals, sets)
+        top.prune()
+    top.truncated = meta.get("truncated") == "True"
+    return int(meta["chunks_done"]), int(meta["seen"])
+
+
 def exact_lowest(problem: BlockRemovalProblem, k: int = 20, chunk_elems: int = 2 ** 22, device=None,
-                 progress: bool = True) -> pd.DataFrame:
+                 progress: bool = True, checkpoint: str | Path | None = None,
+                 checkpoint_every_s: float = 60.0, prune: bool = True,
+                 bound_time_limit: float | None = 10.0) -> pd.DataFrame:
     """The ``k`` lowest-energy feasible states, by enumerating all ``C(n_free, M_free)`` states of the reduced
     problem.
 
@@ -350,6 +627,19 @@ def exact_lowest(problem: BlockRemovalProblem, k: int = 20, chunk_elems: int = 2
     against the current cut-off (rows with a hit are then searched exactly). The candidates (and any state within a
     tiny tolerance of the last) are re-evaluated exactly as ``xᵀQx + const`` on the full problem and re-sorted, so
     the order is exact up to float64 rounding; ``tie`` may also refer to a candidate just beyond ``k``.
+
+    Long runs: the progress bar shows the rate and the time left; with ``checkpoint`` (a file path) the candidates
+    and the number of finished chunks are saved there every ``checkpoint_every_s`` seconds (atomically), a rerun
+    with the same arguments after an interruption resumes from the last saved chunk, and the file is removed when
+    the enumeration completes.
+
+    Pruning (``prune=True``, the default): before each matmul block, the rows and columns whose certified lower
+    bound on every completion (:class:`_Pruner`: the convexification of :mod:`cbo_utils.bounds` with a Schur
+    complement per half) is above the cut-off are dropped; the cut-off is the k-th best energy so far, or from the
+    start the k-th energy of a cheap warm start (:func:`_warm_cutoff`), so only states that cannot be among the k
+    lowest are skipped and the answer is the same as without pruning (tested against full enumeration).
+    ``solver_info`` then reports ``pruned_fraction``, ``root_bound`` (a certified lower bound on the optimum) and the
+    warm start's cut-off.
 
     Returns the standard table (see module docstring); ``attrs["solver_info"]`` has ``n_states``, ``time_s``,
     ``states_per_s``, the split point, the device and the torch thread count.
@@ -373,7 +663,12 @@ def exact_lowest(problem: BlockRemovalProblem, k: int = 20, chunk_elems: int = 2
     else:
         K = k + _MARGIN
         with tqdm(total=n_states, unit="state", unit_scale=True, disable=not progress, desc="exact") as bar:
-            _, sets, extra = _enumerate_lowest(Qr, m, K, chunk_elems, dev, bar)
+            _, sets, extra = _enumerate_lowest(Qr, m, K, chunk_elems, dev, bar,
+                                               None if checkpoint is None else Path(checkpoint), checkpoint_every_s,
+                                               prune=prune, bound_time_limit=bound_time_limit)
+        for key_ in ("root_bound", "warm_cutoff"):  # reduced units → full-problem units
+            if key_ in extra:
+                extra[key_] += problem.reduced()[1]
         info.update(extra)
     t_enum = time.perf_counter() - t0
     X = _sets_to_full(problem, sets)

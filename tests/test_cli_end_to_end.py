@@ -150,3 +150,30 @@ def test_prune_files_through_cli(tmp_path, capsys):
     assert back.config.num_hidden_layers == 12
     assert main(["prune-files", str(tmp_path / "src"), "--remove", "5,10", "--out", str(tmp_path / "q")]) != 0
     assert "attention" in capsys.readouterr().err   # removing every attention block is refused
+
+
+def test_solve_with_a_certified_bound(tmp_path, capsys):
+    """`cbo solve --bound`: a heuristic answer carries a certified gap (bound ≤ the brute-force optimum ≤ its best);
+    the exact answer is its own bound."""
+    import itertools
+
+    import numpy as np
+
+    from cbo_utils.artifacts import read_json
+
+    A = torch.randn(64, 14, dtype=torch.float64) * torch.linspace(2.0, 0.2, 14, dtype=torch.float64)
+    g = _grad_dir(tmp_path / "g", A)
+    H = (A.T @ A / A.shape[0]).numpy()
+    best = min(H[np.ix_(c, c)].sum() for c in map(list, itertools.combinations(range(14), 5)))
+    out = tmp_path / "tabu.csv"
+    assert main(["solve", "--hessian", g, "-M", "5", "--solver", "tabu", "--reads", "2", "--time-limit", "0.2",
+                 "-k", "3", "--bound", "--out", str(out)]) == 0
+    info = read_json(str(out) + ".json")["solver_info"]
+    assert info["lower_bound"] <= best + 1e-12 and info["gap"] >= -1e-12
+    assert "certified lower bound" in capsys.readouterr().out
+    assert main(["solve", "--hessian", g, "-M", "5", "-k", "3", "--bound", "--out", str(tmp_path / "e.csv")]) == 0
+    info = read_json(str(tmp_path / "e.csv") + ".json")["solver_info"]
+    assert info["proven_optimal"] and abs(info["lower_bound"] - best) <= 1e-12 * abs(best)
+    assert "proven optimal" in capsys.readouterr().out
+    assert main(["solve", "--hessian", g, "-M", "5", "--time-limit", "1", "--out", str(tmp_path / "x.csv")]) == 2
+    assert "--time-limit applies to --solver tabu" in capsys.readouterr().err
