@@ -32,8 +32,8 @@ NOTEBOOKS: dict[str, dict[str, Any]] = {
         "per_model": True, "keys": ["M_values", "energy"],
         "modules": ["stages", "ising", "hessian", "artifacts"]},
     "03_state_sampling": {
-        "per_model": True, "keys": ["M_values", "k", "solver", "seed", "dtype", "device_map"],
-        "modules": ["stages", "solvers", "ising", "export", "blocks", "artifacts"]},
+        "per_model": True, "keys": ["M_values", "k", "solver", "bound", "seed", "dtype", "device_map"],
+        "modules": ["stages", "solvers", "bounds", "ising", "export", "blocks", "artifacts"]},
     "04_pruning_and_retraining": {
         "per_model": False, "keys": ["compare", "retrain"],
         "modules": ["compare", "baselines", "variants", "hessian", "solvers", "evaluate", "lmeval", "results",

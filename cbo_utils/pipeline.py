@@ -90,7 +90,8 @@ def run(profile: str, results: Path | None = None, compare: bool = True, retrain
         produced.append(grad_file)
         Ms = _m_values(cfg, model_name)
         produced += build_ising(model_name, results, Ms, energy=cfg["energy"])
-        for states in sample_states(model_name, results, Ms, k=cfg["k"], solver=cfg["solver"], seed=cfg["seed"]):
+        for states in sample_states(model_name, results, Ms, k=cfg["k"], solver=cfg["solver"], seed=cfg["seed"],
+                                    bound=cfg.get("bound", True)):
             print(f"[{model_name}] states: {states}")
             produced.append(states)
         for M in Ms:

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from cbo_utils.hessian import load_gradients
-from cbo_utils.stages import build_ising, estimate_hessian, load_ising, sample_states
+from cbo_utils.stages import build_ising, estimate_hessian, load_ising, sample_states, states_summary
 
 
 def test_gradients_ising_states_chain(tmp_path):
@@ -41,3 +41,10 @@ def test_gradients_ising_states_chain(tmp_path):
     assert states.stat().st_mtime_ns == stamp
     sample_states("tiny-llama", tmp_path, [2], k=4)                               # other parameters: redone
     assert len(pd.read_csv(states)) == 4
+    # certified bound: exact is proven optimal; tabu's answer carries a gap, with the bound below the brute-force optimum
+    summary = states_summary("tiny-llama", tmp_path, [2])
+    assert bool(summary["proven_optimal"].iloc[0]) and summary["gap"].iloc[0] == 0.0
+    sample_states("tiny-llama", tmp_path, [2], k=4, solver="tabu", num_reads=2, timeout_ms=20)
+    row = states_summary("tiny-llama", tmp_path, [2]).iloc[0]
+    assert row["solver"] == "tabu" and row["lower_bound"] <= want[0][0] + 1e-12 * abs(want[0][0])
+    assert row["gap"] >= -1e-15 and row["ground_energy"] >= want[0][0] - 1e-15
