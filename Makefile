@@ -13,7 +13,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # the paper profile needs the Hub; the others never touch it
 OFFLINE_IF_LOCAL := $(if $(filter paper,$(PROFILE)),,$(OFFLINE))
 
-.PHONY: help venv test test-fast lint bench reproduce figures pipeline check-profile compare retrain hybrid clean-results
+.PHONY: help venv test test-fast lint bench reproduce figures pipeline check-profile compare retrain hybrid solver-table clean-results
 
 help:  ## list the verbs
 	@echo "cbo_utils — block removal by constrained binary optimisation"
@@ -81,6 +81,14 @@ retrain: venv  ## knowledge-distil the selections (after compare) and evaluate b
 
 hybrid: venv  ## type-restricted removal on the hybrid Nemotron (stand-in on tiny/mini) → results/PROFILE/hybrid/hybrid.md
 	$(OFFLINE) $(VPY) -m cbo_utils.hybrid --profile $(PROFILE)
+
+SOLVER_TABLE := results/solvers/solver_benchmark.md
+solver-table: venv  ## the solver table: exact vs SA vs tabu vs the certified bound, N = 30–80 → results/solvers/
+	$(OFFLINE) $(VPY) -m cbo_utils.solver_bench --N 32 40 52 80 --M 8 16 24 --out results/solvers
+	$(OFFLINE) $(VPY) -m cbo_utils.solver_bench --N 80 --M 32 40 --out results/solvers
+	$(OFFLINE) $(VPY) -m cbo_utils.solver_bench --gradients results/mini/smollm2/gradients.safetensors --M 4 8 15 \
+		--out results/solvers
+	@echo "solver table: $(SOLVER_TABLE)"
 
 clean-results:  ## delete results/ (never the venv or the model cache)
 	rm -rf results

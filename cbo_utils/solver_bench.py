@@ -561,11 +561,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tabu-reads", type=int, default=20)
     ap.add_argument("--tabu-timeout-ms", type=int, default=200, help="tabu time per read in ms (default: 200)")
     ap.add_argument("--time-limit", type=float, default=60.0,
-                    help="seconds for cbo_utils.bounds.lower_bound, when that module exists (default: 60)")
+                    help="seconds for the certified bound, cbo_utils.bounds.lower_bound (default: 60)")
     ap.add_argument("--proven-rtol", type=float, default=1e-8,
                     help="a heuristic's energy counts as proven optimal when <= bound + this × |energy| "
                          "(default: %(default)g)")
-    ap.add_argument("--no-bound", action="store_true", help="do not use cbo_utils.bounds even when it exists")
+    ap.add_argument("--no-bound", action="store_true", help="skip the certified lower bound")
     ap.add_argument("--instance-seed", type=int, default=0, help="seed of the synthetic instances (default: 0)")
     ap.add_argument("--samples", type=int, default=2048, help="samples of the synthetic gradients (default: 2048)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
