@@ -485,7 +485,8 @@ def _enumerate_lowest(Q: np.ndarray, m: int, K: int, chunk_elems: int, device, b
                     _save_enum_checkpoint(checkpoint, key, top, chunk_id - 1, seen, mw)
                     last_save = time.perf_counter()
                 full = (r1 - r0) * (c1 - c0)
-                if pruner is not None:
+                # a row bound costs ~r² gathers; it pays only when it can save a block of at least a few columns
+                if pruner is not None and T_cols.shape[0] * width >= 8 * max(1, rows.r) ** 2:
                     T_rows = rows.subsets(r0, r1)
                     lb = pruner.partial(rows, T_rows, cols.r) + col_min
                     a = pruner.norms(rows, T_rows)
