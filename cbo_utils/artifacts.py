@@ -197,7 +197,11 @@ def _cache_relative(p: Path) -> str | None:
 
 
 def _portable_command(argv: list[str]) -> str:
-    """``sys.argv`` as a command a reader can rerun: ``python -m cbo_utils.x …`` for the package's modules."""
+    """``sys.argv`` as a command a reader can rerun: ``python -m cbo_utils.x …`` for the package's modules; inside a
+    notebook run by :func:`cbo_utils.notebooks.run_notebook` (a kernel whose argv names a temporary connection file),
+    the command that ran the notebook (``$CBO_COMMAND``)."""
+    if os.environ.get("CBO_COMMAND"):
+        return os.environ["CBO_COMMAND"]
     if not argv:
         return ""
     head = Path(argv[0])

@@ -14,6 +14,7 @@ the artifacts each notebook writes are the targets.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,8 +107,18 @@ def run_notebook(notebook: str, profile, model: str | None = None, results_dir=N
     params = parameters_for(notebook, cfg, model, results_dir)
     out = log_path(notebook, cfg["profile"], params.get("model"), ROOT / params["results_dir"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(str(NOTEBOOK_DIR / f"{notebook}.ipynb"), str(out), parameters=params,
-                               cwd=str(ROOT), kernel_name=kernel_name, progress_bar=progress, log_output=False)
+    command = f"python -m cbo_utils.notebooks run {notebook} --profile {cfg['profile']}" + (
+        f" --model {params['model']}" if params.get("model") else "")
+    before = os.environ.get("CBO_COMMAND")
+    os.environ["CBO_COMMAND"] = command  # the kernel inherits it: provenance names this command, not the kernel's
+    try:
+        papermill.execute_notebook(str(NOTEBOOK_DIR / f"{notebook}.ipynb"), str(out), parameters=params,
+                                   cwd=str(ROOT), kernel_name=kernel_name, progress_bar=progress, log_output=False)
+    finally:
+        if before is None:
+            os.environ.pop("CBO_COMMAND", None)
+        else:
+            os.environ["CBO_COMMAND"] = before
     return out
 
 

@@ -443,6 +443,23 @@ def _enumerate_lowest(Q: np.ndarray, m: int, K: int, chunk_elems: int, device, b
         # the larger side is streamed as rows, the smaller one is the (tiled) column operand
         rows, cols = (left, right) if left.count >= right.count else (right, left)
         n_pairs += 1
+        if cols.r == 0 and rows.r > 1 and rows.count > chunk_elems and rows.hi - rows.lo >= 4:
+            # all m blocks in one half (a one-column product): enumerate that half on its own, split again, as
+            # one chunk — streaming its rows against a single column would cost ~1 µs per state
+            chunk_id += 1
+            if chunk_id > skip:
+                sub = Qw[rows.lo:rows.hi, rows.lo:rows.hi]
+                _, s_sub, _ = _enumerate_lowest(sub, rows.r, K, chunk_elems, device, None, prune=prune,
+                                                bound_time_limit=bound_time_limit)
+                if s_sub.size:  # energies recomputed here (the sub-enumeration may have worked on a complement)
+                    X = np.zeros((s_sub.shape[0], sub.shape[0]))
+                    X[np.arange(s_sub.shape[0])[:, None], s_sub] = 1.0
+                    top.add(np.einsum("bi,ij,bj->b", X, sub, X), s_sub + rows.lo)
+                    top.prune()
+                seen += rows.count
+                if bar is not None:
+                    bar.update(rows.count)
+            continue
         col_tile = min(cols.count, col_tile_max)
         width = cols.hi - cols.lo + 2
         for c0 in range(0, cols.count, col_tile):
@@ -568,26 +585,17 @@ def _enum_key(Q: np.ndarray, m: int, K: int, chunk_elems: int) -> str:
 
 def _save_enum_checkpoint(path: Path, key: str, top: _TopK, chunks_done: int, seen: int, mw: int) -> None:
     """The candidates so far and the number of finished chunks, atomically (safetensors + JSON header)."""
-    import os
-    import tempfile
+    from safetensors.numpy import save
 
-    from safetensors.numpy import save_file
+    from .artifacts import atomic_write_bytes
 
     top.prune()
     vals = top.vals[0] if top.vals else np.zeros(0)
     sets = top.sets[0] if top.sets else np.zeros((0, mw), dtype=np.int64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"vals": np.ascontiguousarray(vals, dtype=np.float64),
-                   "sets": np.ascontiguousarray(sets, dtype=np.int64).reshape(-1, mw)}, tmp,
-                  metadata={"format": _ENUM_FORMAT, "key": key, "chunks_done": str(chunks_done), "seen": str(seen),
-                            "truncated": str(bool(top.truncated))})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(path, save({"vals": np.ascontiguousarray(vals, dtype=np.float64),
+                                   "sets": np.ascontiguousarray(sets, dtype=np.int64).reshape(-1, mw)},
+                                  metadata={"format": _ENUM_FORMAT, "key": key, "chunks_done": str(chunks_done),
+                                            "seen": str(seen), "truncated": str(bool(top.truncated))}))
 
 
 def _load_enum_checkpoint(path: Path, key: str, top: _TopK, mw: int) -> tuple[int, int]:

@@ -89,6 +89,8 @@ def test_tiny_notebooks_write_their_artifacts(tiny_run):
         assert all(len(s.split()) == M for s in states["removed_blocks"])          # exactly M removed
         side = json.loads((d / f"states_M{M}.csv.json").read_text())
         assert side["inputs"]["ising"]["sha256"]                                   # the sidecar lists its inputs
+        assert side["command"] == "python -m cbo_utils.notebooks run 03_state_sampling --profile tiny --model " \
+            "tiny-llama"                                                            # not the kernel's argv
         assert json.loads((d / f"ising_M{M}.json.json").read_text())["inputs"]["gradients"]["sha256"]
         assert json.loads((d / f"pruned_M{M}_cbo0" / "verification.json").read_text())["ok"]
     assert (res / "selections.csv").is_file() and (res / "retraining.csv").is_file()

@@ -103,3 +103,12 @@ def test_interrupted_enumeration_resumes_from_its_last_chunk(tmp_path, monkeypat
     other = BlockRemovalProblem.from_hessian(_fisher(28, 6), 6)
     with pytest.raises(ValueError, match="another problem"):
         exact_lowest(other, k=30, chunk_elems=4096, checkpoint=ck, progress=False, prune=False)
+
+
+def test_one_sided_pairs_are_enumerated_by_splitting_again():
+    """All M blocks in one half (a one-column product) are enumerated as a sub-problem, split again — here with a
+    complement inside the sub-problem (9 of 14) — and the k lowest equal the naive enumeration's."""
+    p = BlockRemovalProblem.from_hessian(_fisher(28, 8), 9)
+    ref = solvers.naive_exact_lowest(p, k=30)
+    for prune in (False, True):
+        _same(exact_lowest(p, k=30, chunk_elems=256, progress=False, prune=prune), ref)

@@ -41,7 +41,7 @@ def test_gradients_ising_states_chain(tmp_path):
     assert states.stat().st_mtime_ns == stamp
     sample_states("tiny-llama", tmp_path, [2], k=4)                               # other parameters: redone
     assert len(pd.read_csv(states)) == 4
-    # certified bound: exact is proven optimal; tabu's answer carries a gap, with the bound below the brute-force optimum
+    # certified bound: exact is proven optimal; tabu's answer carries a gap, its bound below the brute-force optimum
     summary = states_summary("tiny-llama", tmp_path, [2])
     assert bool(summary["proven_optimal"].iloc[0]) and summary["gap"].iloc[0] == 0.0
     sample_states("tiny-llama", tmp_path, [2], k=4, solver="tabu", num_reads=2, timeout_ms=20)
