@@ -208,6 +208,16 @@ class _TopK:
         return self.vals[0], self.sets[0]
 
 
+def _set_sums(Mx: np.ndarray, T: np.ndarray) -> np.ndarray:
+    """``Σ_{a,b} Mx[T_a, T_b]`` for each row ``T`` of indices into ``Mx`` (r² gathers; no N-wide temporaries)."""
+    E = np.zeros(T.shape[0])
+    for a in range(T.shape[1]):
+        E += Mx[T[:, a], T[:, a]]
+        for b in range(a + 1, T.shape[1]):
+            E += 2.0 * Mx[T[:, a], T[:, b]]
+    return E
+
+
 class _Side:
     """The r-subsets of ``range(lo, hi)`` (colex order), generated on demand as matmul operands."""
 
@@ -223,13 +233,8 @@ class _Side:
         return _unrank_colex(np.arange(start, stop, dtype=np.int64), self.r, self.table) + self.lo
 
     def energies(self, T: np.ndarray) -> np.ndarray:
-        """``E_T = Σ_{i,j∈T} Q_ij`` for each row ``T`` (r² gathers; no N-wide temporaries)."""
-        E = np.zeros(T.shape[0])
-        for a in range(T.shape[1]):
-            E += self.Q[T[:, a], T[:, a]]
-            for b in range(a + 1, T.shape[1]):
-                E += 2.0 * self.Q[T[:, a], T[:, b]]
-        return E
+        """``E_T = Σ_{i,j∈T} Q_ij`` for each row ``T``."""
+        return _set_sums(self.Q, T)
 
     def row_operand(self, start: int, stop: int, other: _Side, T: np.ndarray | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -282,7 +287,6 @@ class _Pruner:
         P = Q - np.diag(conv.d) + conv.mu + (conv.v[:, None] + conv.v[None, :]) / 2.0
         self.delta = 1e-3 * float(np.abs(np.diag(P)).max() + 1e-300) + max(0.0, -conv.lam_min)
         P = P + self.delta * np.eye(n)
-        self.P = P
         self.c = conv.d - self.delta - m * conv.v
         self.const = -conv.mu * m * m
         self.G: dict[int, np.ndarray] = {}
@@ -309,64 +313,16 @@ class _Pruner:
     def partial(self, side: _Side, T: np.ndarray, q: int) -> np.ndarray:
         """``c_T + min {xᵀPx : x_X = 1_T, x_Y real, 1ᵀx_Y = q} = c_T + 1_TᵀG1_T + (q + h_T)²/s`` for the rows ``T``
         (absolute indices) of one half, ``h = P_XY P_YY⁻¹1``, ``s = 1ᵀP_YY⁻¹1``."""
-        G, Tl = self.G[side.lo], T - side.lo
-        out = self.c[T].sum(axis=1) if T.shape[1] else np.zeros(T.shape[0])
-        for a in range(T.shape[1]):
-            out += G[Tl[:, a], Tl[:, a]]
-            for b in range(a + 1, T.shape[1]):
-                out += 2.0 * G[Tl[:, a], Tl[:, b]]
+        Tl = T - side.lo
+        out = self.c[T].sum(axis=1) + _set_sums(self.G[side.lo], Tl)
         if np.isfinite(self.s[side.lo]):
             hT = self.h[side.lo][Tl].sum(axis=1) if T.shape[1] else np.zeros(T.shape[0])
             out += (q + hT) ** 2 / self.s[side.lo]
         return out
 
-    def norms(self, side: _Side, T: np.ndarray) -> np.ndarray:
-        """``‖1_T‖_P = sqrt(1_TᵀP_XX1_T)`` for rows ``T`` of one half (for the pair bound)."""
-        P, Tl = self.P, T
-        out = np.zeros(T.shape[0])
-        for a in range(T.shape[1]):
-            out += P[Tl[:, a], Tl[:, a]]
-            for b in range(a + 1, T.shape[1]):
-                out += 2.0 * P[Tl[:, a], Tl[:, b]]
-        return np.sqrt(np.maximum(out, 0.0))
-
     def cheapest(self, side: _Side) -> float:
         """The smallest ``c_S`` over the ``side.r``-subsets of one half."""
         return float(np.sort(self.c[side.lo:side.hi])[: side.r].sum())
-
-
-def _lower_envelope(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The lower envelope ``min_j (alpha_j + beta_j·t)`` of lines: (breakpoints, alpha, beta) of its pieces, for
-    :func:`_envelope_at`."""
-    order = np.lexsort((alpha, -beta))  # slopes decreasing (the envelope's pieces left to right), lowest first
-    a_s, b_s = alpha[order], beta[order]
-    keep = np.concatenate([[True], b_s[1:] != b_s[:-1]])  # equal slopes: the lowest line only
-    a_s, b_s = a_s[keep], b_s[keep]
-    hull_a: list[float] = []
-    hull_b: list[float] = []
-    for a, b in zip(a_s.tolist(), b_s.tolist()):
-        while len(hull_a) >= 2:
-            # the last line is useless if the new one crosses the one before it no later than the last does
-            a1, b1, a2, b2 = hull_a[-2], hull_b[-2], hull_a[-1], hull_b[-1]
-            if (a - a1) * (b1 - b2) <= (a2 - a1) * (b1 - b):
-                hull_a.pop()
-                hull_b.pop()
-            else:
-                break
-        hull_a.append(a)
-        hull_b.append(b)
-    ha, hb = np.array(hull_a), np.array(hull_b)
-    xs = (ha[1:] - ha[:-1]) / (hb[:-1] - hb[1:])  # where piece j+1 takes over from piece j
-    return xs, ha, hb
-
-
-def _envelope_at(env: tuple[np.ndarray, np.ndarray, np.ndarray], t: np.ndarray) -> np.ndarray:
-    xs, ha, hb = env
-    j = np.searchsorted(xs, t, side="right")
-    # evaluate the neighbouring pieces too: rounding in the breakpoints never overestimates the minimum
-    lo = np.maximum(j - 1, 0)
-    hi = np.minimum(j + 1, ha.size - 1)
-    return np.minimum(np.minimum(ha[j] + hb[j] * t, ha[lo] + hb[lo] * t), ha[hi] + hb[hi] * t)
 
 
 def _warm_cutoff(Q: np.ndarray, m: int, K: int, seed: int = 0, starts: int = 64) -> float:
@@ -452,9 +408,7 @@ def _enumerate_lowest(Q: np.ndarray, m: int, K: int, chunk_elems: int, device, b
                 _, s_sub, _ = _enumerate_lowest(sub, rows.r, K, chunk_elems, device, None, prune=prune,
                                                 bound_time_limit=bound_time_limit)
                 if s_sub.size:  # energies recomputed here (the sub-enumeration may have worked on a complement)
-                    X = np.zeros((s_sub.shape[0], sub.shape[0]))
-                    X[np.arange(s_sub.shape[0])[:, None], s_sub] = 1.0
-                    top.add(np.einsum("bi,ij,bj->b", X, sub, X), s_sub + rows.lo)
+                    top.add(_set_sums(sub, s_sub), s_sub + rows.lo)
                     top.prune()
                 seen += rows.count
                 if bar is not None:
@@ -478,11 +432,8 @@ def _enumerate_lowest(Q: np.ndarray, m: int, K: int, chunk_elems: int, device, b
                 ok = cpart + row_cheapest + pruner.const <= cut0 + pruner.margin
                 if not ok.all():
                     B_np, T_cols = B_np[ok], T_cols[ok]
-                lin = pruner.c[T_cols].sum(axis=1) if T_cols.shape[1] else np.zeros(T_cols.shape[0])
+                lin = pruner.c[T_cols].sum(axis=1)
                 col_min = float(lin.min()) if lin.size else math.inf
-                if lin.size:  # pair bound: c_T + c_S + (‖1_T‖_P − ‖1_S‖_P)² ≤ E − const, minimised over S
-                    b = pruner.norms(cols, T_cols)
-                    env = _lower_envelope(lin + b * b, -2.0 * b)
             if T_cols.shape[0] == 0:  # every column of the tile pruned
                 todo = n_row_chunks - max(0, skip - chunk_id)  # (a resumed run counted the finished chunks)
                 numel_tile = (c1 - c0) * min(rows.count, todo * row_step)
@@ -506,9 +457,6 @@ def _enumerate_lowest(Q: np.ndarray, m: int, K: int, chunk_elems: int, device, b
                 if pruner is not None and T_cols.shape[0] * width >= 8 * max(1, rows.r) ** 2:
                     T_rows = rows.subsets(r0, r1)
                     lb = pruner.partial(rows, T_rows, cols.r) + col_min
-                    a = pruner.norms(rows, T_rows)
-                    lin_r = pruner.c[T_rows].sum(axis=1) if T_rows.shape[1] else np.zeros(T_rows.shape[0])
-                    lb = np.maximum(lb, lin_r + a * a + _envelope_at(env, a))
                     ok = lb + pruner.const <= cutoff() + pruner.margin
                     if not ok.any():
                         seen += full

@@ -160,26 +160,13 @@ def sample_states(model: str, results_dir, M_values: Sequence[int], *, k: int = 
             kw.setdefault("progress", False)
         df = solve(prob, solver=use, k=k, seed=seed, **kw)
         if bound:
-            _certify(prob, df)
+            from .bounds import certify
+
+            certify(prob, df)
         write_states_csv(df, path, provenance("states", {"stage": params, **params, "energy": prob.energy},
                                               inputs={"ising": src}, seconds=round(time.perf_counter() - t0, 4)))
         paths.append(path)
     return paths
-
-
-def _certify(problem, df) -> None:
-    """Add ``lower_bound``, ``gap`` and ``proven_optimal`` to ``df.attrs["solver_info"]`` (see sample_states)."""
-    info = df.attrs["solver_info"]
-    best = float(df["energy"].iloc[0])
-    if info.get("solver") in ("exact", "brute_force", "naive") and info.get("complete", True):
-        info.update(lower_bound=best, gap=0.0, proven_optimal=True, bound_method="exhaustive")
-        return
-    from .bounds import lower_bound
-
-    lb = lower_bound(problem)
-    tol = 1e-9 * max(1.0, abs(best))
-    info.update(lower_bound=lb["bound"], gap=best - lb["bound"], proven_optimal=bool(best <= lb["bound"] + tol),
-                bound_method=lb["method"], bound_time_s=lb["time_s"])
 
 
 def states_summary(model: str, results_dir, M_values: Sequence[int]):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import numpy as np
 import pandas as pd
@@ -270,13 +268,13 @@ def _fake_bounds(monkeypatch, value: float) -> list:
         calls.append(time_limit)
         return {"bound": value, "method": "fake", "array": np.zeros(3)}
 
-    mod = types.ModuleType("cbo_utils.bounds")
-    mod.lower_bound = lower_bound
-    monkeypatch.setitem(sys.modules, "cbo_utils.bounds", mod)
+    import cbo_utils.bounds
+
+    monkeypatch.setattr(cbo_utils.bounds, "lower_bound", lower_bound)
     return calls
 
 
-def test_bound_is_used_when_the_module_exists(tmp_path, monkeypatch, small):
+def test_bound_rows_and_certified_gaps(tmp_path, monkeypatch, small):
     opt = float(brute_force_lowest(BlockRemovalProblem.from_hessian(small.H, 4), k=1)["energy"].iloc[0])
     calls = _fake_bounds(monkeypatch, opt)
     df = run_benchmark([small], [4], exact_state_limit=10, time_limit=2.5, out_dir=tmp_path,

@@ -61,17 +61,6 @@ def test_pruned_enumeration_with_constraints_and_taylor_energy():
     _same(exact_lowest(p, k=15, progress=False), exact_lowest(p, k=15, progress=False, prune=False))
 
 
-def test_lower_envelope_is_the_minimum_of_the_lines():
-    rng = np.random.default_rng(3)
-    for _ in range(20):
-        a, b = rng.normal(size=50), rng.normal(size=50)
-        b[:5] = b[5]  # equal slopes
-        t = np.concatenate([rng.normal(scale=5, size=200), [0.0]])
-        env = solvers._lower_envelope(a, b)
-        np.testing.assert_allclose(solvers._envelope_at(env, t), (a[None, :] + b[None, :] * t[:, None]).min(1),
-                                   rtol=1e-12, atol=1e-12)
-
-
 def test_interrupted_enumeration_resumes_from_its_last_chunk(tmp_path, monkeypatch):
     p = BlockRemovalProblem.from_hessian(_fisher(28, 5), 6)
     ref = exact_lowest(p, k=30, chunk_elems=4096, progress=False, prune=False)
