@@ -268,16 +268,6 @@ def type_budget_problem(Q_or_H, block_types: Sequence[str], budget: Mapping[str,
                              keep=tuple(keep), energy=energy)
 
 
-def _subset_energies(Q: np.ndarray, T: np.ndarray) -> np.ndarray:
-    """``Σ_{i,j ∈ T_r} Q_ij`` for each row ``T_r`` of index sets (float64)."""
-    E = np.zeros(T.shape[0])
-    for a in range(T.shape[1]):
-        E += Q[T[:, a], T[:, a]]
-        for b in range(a + 1, T.shape[1]):
-            E += 2.0 * Q[T[:, a], T[:, b]]
-    return E
-
-
 def _product_lowest(Q: np.ndarray, factors: list[np.ndarray], K: int, chunk_elems: int, bar=None
                     ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Approximate energies and index sets of the ~K lowest states of the cartesian product of ``factors``.
@@ -287,7 +277,7 @@ def _product_lowest(Q: np.ndarray, factors: list[np.ndarray], K: int, chunk_elem
     unranked in chunks); a block of energies is ``E_rows + E_cols + 2·F_rows·1_colsᵀ`` (one matmul), with
     ``F_rows = Σ_{i∈rows} Q[i, column blocks]``. Blocks hold at most ``chunk_elems`` energies, so memory is bounded.
     """
-    from .solvers import _CANDIDATE_CAP, _TopK
+    from .solvers import _CANDIDATE_CAP, _set_sums, _TopK
 
     ci = int(np.argmax([f.shape[0] for f in factors]))
     col = factors[ci]
@@ -296,7 +286,7 @@ def _product_lowest(Q: np.ndarray, factors: list[np.ndarray], K: int, chunk_elem
     pos = np.searchsorted(col_blocks, col)
     ind = np.zeros((col.shape[0], col_blocks.size))
     ind[np.arange(col.shape[0])[:, None], pos] = 1.0
-    E_col = _subset_energies(Q, col)
+    E_col = _set_sums(Q, col)
     radices = [f.shape[0] for f in rest]
     n_rows = math.prod(radices)  # 1 when there is a single factor
     m_total = col.shape[1] + sum(f.shape[1] for f in rest)
@@ -313,7 +303,7 @@ def _product_lowest(Q: np.ndarray, factors: list[np.ndarray], K: int, chunk_elem
             R = np.concatenate([f[d] for f, d in zip(rest, digits, strict=True)], axis=1)
         else:
             R = np.zeros((r1 - r0, 0), dtype=np.int64)
-        E_row = _subset_energies(Q, R)
+        E_row = _set_sums(Q, R)
         F_row = np.zeros((R.shape[0], col_blocks.size))
         for a in range(R.shape[1]):
             F_row += Q[np.ix_(R[:, a], col_blocks)]
