@@ -55,7 +55,7 @@ $(info profile: $(PROFILE) ($(PROFILE_WHY)); override with PROFILE=tiny|mini|pap
 MAKEFLAGS += -j$(JOBS) --output-sync=target
 endif
 
-$(GRAPH): configs/$(PROFILE).yaml cbo_utils/notebooks.py | $(STAMP)
+$(GRAPH): cbo_utils/configs/$(PROFILE).yaml $(shell find cbo_utils -name "*.py") | $(STAMP)
 	@mkdir -p $(@D)
 	$(VPY) -m cbo_utils.notebooks graph --profile $(PROFILE) --out $@
 
@@ -69,24 +69,24 @@ reproduce: check-profile $(REPRODUCE_TARGETS)  ## run the notebooks of PROFILE (
 figures: | $(STAMP)  ## redraw the figures and tables of PROFILE from its result files (no upstream stage) → figures/PROFILE/
 	$(NB) run 06_report --profile $(PROFILE)
 
-pipeline: venv  ## the same stages without notebooks (python -m cbo_utils.pipeline)
-	$(OFFLINE) $(VPY) -m cbo_utils.pipeline --profile $(PROFILE)
+pipeline: venv  ## the same stages without notebooks (python -m cbo_utils.experiments.pipeline)
+	$(OFFLINE) $(VPY) -m cbo_utils.experiments.pipeline --profile $(PROFILE)
 
 compare: venv  ## every baseline and CBO variant, evaluated the same way → results/PROFILE/comparison.md
 	@echo "profile: $(PROFILE)  (override with PROFILE=tiny|mini|paper)"
-	$(OFFLINE) $(VPY) -m cbo_utils.compare --profile $(PROFILE)
+	$(OFFLINE) $(VPY) -m cbo_utils.experiments.compare --profile $(PROFILE)
 
 retrain: venv  ## knowledge-distil the selections (after compare) and evaluate before/after → results/PROFILE/retraining.md
-	$(OFFLINE) $(VPY) -m cbo_utils.retrain --profile $(PROFILE)
+	$(OFFLINE) $(VPY) -m cbo_utils.experiments.retrain --profile $(PROFILE)
 
 hybrid: venv  ## type-restricted removal on the hybrid Nemotron (stand-in on tiny/mini) → results/PROFILE/hybrid/hybrid.md
-	$(OFFLINE) $(VPY) -m cbo_utils.hybrid --profile $(PROFILE)
+	$(OFFLINE) $(VPY) -m cbo_utils.experiments.hybrid --profile $(PROFILE)
 
 SOLVER_TABLE := results/solvers/solver_benchmark.md
 solver-table: venv  ## the solver table: exact vs SA vs tabu vs the certified bound, N = 30–80 → results/solvers/
-	$(OFFLINE) $(VPY) -m cbo_utils.solver_bench --N 32 40 52 80 --M 8 16 24 --out results/solvers
-	$(OFFLINE) $(VPY) -m cbo_utils.solver_bench --N 80 --M 32 40 --out results/solvers
-	$(OFFLINE) $(VPY) -m cbo_utils.solver_bench --gradients results/mini/smollm2/gradients.safetensors --M 4 8 15 \
+	$(OFFLINE) $(VPY) -m cbo_utils.solvers.bench --N 32 40 52 80 --M 8 16 24 --out results/solvers
+	$(OFFLINE) $(VPY) -m cbo_utils.solvers.bench --N 80 --M 32 40 --out results/solvers
+	$(OFFLINE) $(VPY) -m cbo_utils.solvers.bench --gradients results/mini/smollm2/gradients.safetensors --M 4 8 15 \
 		--out results/solvers
 	@echo "solver table: $(SOLVER_TABLE)"
 

@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cbo_utils.artifacts import format_blocks  # noqa: E402
-from cbo_utils.ising import BlockRemovalProblem  # noqa: E402
-from cbo_utils.solvers import exact_lowest, naive_exact_lowest  # noqa: E402
+from cbo_utils.core.artifacts import format_blocks  # noqa: E402
+from cbo_utils.problem.ising import BlockRemovalProblem  # noqa: E402
+from cbo_utils.solvers.exact import exact_lowest, naive_exact_lowest  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--instance", choices=["gaussian", "synthetic"], default="gaussian",
                     help="gaussian: H = AᵀA/m of a random normal A (4N × N); synthetic: the Fisher-like gradients of "
-                         "cbo_utils.instances (2,048 × N, dominant blocks, correlated late blocks)")
+                         "cbo_utils.solvers.instances (2,048 × N, dominant blocks, correlated late blocks)")
     ap.add_argument("--unpruned", action="store_true",
                     help="also time exact_lowest(prune=False) once, side by side (the speed-up of the bounds)")
     args = ap.parse_args(argv)
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     N, M, k = args.N, args.M, args.k
     rng = np.random.default_rng(args.seed)
     if args.instance == "synthetic":
-        from cbo_utils.instances import synthetic_instance
+        from cbo_utils.solvers.instances import synthetic_instance
 
         H = synthetic_instance(N, seed=args.seed).H
     else:

@@ -22,6 +22,24 @@ import sys
 import time
 from pathlib import Path
 
+from cbo_utils.calibration import load_calibration
+from cbo_utils.core.artifacts import parse_blocks, provenance, sidecar_path
+from cbo_utils.experiments.compare import run_compare
+from cbo_utils.experiments.hybrid import run_profile, summary_table
+from cbo_utils.gradients import collect_gate_gradients, gradients_provenance, load_gradients
+from cbo_utils.model.blocks import describe_blocks
+from cbo_utils.model.load import load_model
+from cbo_utils.problem.bounds import certify
+from cbo_utils.problem.energies import ENERGIES, energy_gradient
+from cbo_utils.problem.ising import BlockRemovalProblem
+from cbo_utils.prune.distill import DistillConfig, distill, kd_data, load_teacher, pruned_student
+from cbo_utils.prune.export import export_pruned, verify_export
+from cbo_utils.prune.files import prune_checkpoint_files
+from cbo_utils.select.methods import run_method
+from cbo_utils.select.selection import write_selections_csv
+from cbo_utils.solvers.heuristics import solve
+from cbo_utils.solvers.states import read_states_csv, states_blocks, write_states_csv
+
 EXIT_USAGE = 2
 EXACT_STATE_LIMIT = 10**11  # beyond this `cbo solve --solver exact` asks for --force
 
@@ -31,7 +49,6 @@ class CLIError(Exception):
 
 
 def _blocks_arg(text: str) -> list[int]:
-    from .artifacts import parse_blocks
 
     try:
         return parse_blocks(text)
@@ -55,7 +72,6 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from .models import load_model
 
     return load_model(args.model, dtype=args.dtype, device_map=args.device_map,
                       trust_remote_code=args.trust_remote_code)
@@ -63,7 +79,6 @@ def _load(args):
 
 # --------------------------------------------------------------------------------------------------- commands
 def cmd_blocks(args) -> int:
-    from .blocks import describe_blocks
 
     model, _ = _load(args)
     rows = describe_blocks(model)
@@ -76,8 +91,6 @@ def cmd_blocks(args) -> int:
 def cmd_gradients(args) -> int:
     import torch
 
-    from .calibration import load_calibration
-    from .hessian import collect_gate_gradients, gradients_provenance
 
     torch.manual_seed(args.seed)
     model, tok = _load(args)
@@ -106,15 +119,12 @@ def cmd_gradients(args) -> int:
 
 
 def cmd_baseline(args) -> int:
-    from .artifacts import provenance
-    from .baselines import run_baseline, write_selections_csv
-    from .calibration import load_calibration
 
     model, tok = _load(args)
     calib = load_calibration(args.calibration, tok, samples=args.samples, max_tokens=args.max_tokens)
     name = args.method.strip().lower().replace("-", "_")
     kw = {"seed": args.seed} if name == "random" else ({} if name == "tail" else {"batch_size": args.batch_size})
-    sel = run_baseline(args.method, model, calib, args.M, **kw)
+    sel = run_method(args.method, model, calib, args.M, **kw)
     write_selections_csv([sel], args.out, provenance("selection", {"method": sel.method, "M": args.M,
                                                                    "calibration": calib.describe()}))
     print(f"{sel.method}: remove {' '.join(map(str, sel.removed))} ({sel.seconds:.1f} s) → {args.out}")
@@ -122,7 +132,6 @@ def cmd_baseline(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import run_compare
 
     stages = args.stages or ("select", "evaluate", "correlate", "efficiency", "report")
     path = run_compare(args.profile, Path(args.results) if args.results else None, M_values=args.M, stages=stages)
@@ -131,10 +140,6 @@ def cmd_compare(args) -> int:
 
 
 def cmd_solve(args) -> int:
-    from .artifacts import provenance, sidecar_path
-    from .hessian import load_gradients
-    from .ising import BlockRemovalProblem
-    from .solvers import solve, write_states_csv
 
     res = load_gradients(args.hessian)
     H = res.H
@@ -147,7 +152,7 @@ def cmd_solve(args) -> int:
     if args.only_types and not types:
         raise CLIError("--only-types needs block types, which this gradient file does not record")
     problem = BlockRemovalProblem.from_hessian(
-        H.numpy(), args.M, g=res.g.numpy() if args.energy == "taylor" else None, energy=args.energy,
+        H.numpy(), args.M, energy_gradient(args.energy, g=res.g.numpy()), energy=args.energy,
         keep=args.keep or (), remove=args.remove or (), block_types=types,
         only_types=tuple(args.only_types.split(",")) if args.only_types else None)
     import math
@@ -176,7 +181,6 @@ def cmd_solve(args) -> int:
     df = solve(problem, solver=args.solver, k=args.k, seed=args.seed, **kw)
     info = df.attrs["solver_info"]
     if args.bound:
-        from .bounds import certify
 
         certify(problem, df, time_limit=args.bound_time_limit)
     dt = time.perf_counter() - t0
@@ -204,8 +208,6 @@ def _gradient_file(path) -> Path:
 def cmd_prune(args) -> int:
     import copy
 
-    from .export import export_pruned, verify_export
-    from .solvers import read_states_csv, states_blocks
 
     energy, method = None, "manual"
     if args.states:
@@ -230,8 +232,6 @@ def cmd_prune(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .export import verify_export
-    from .models import load_model
 
     if not (Path(args.folder) / "removed_blocks.json").is_file():
         raise CLIError(f"{args.folder} is not a folder written by `cbo prune` (no removed_blocks.json)")
@@ -245,8 +245,6 @@ def cmd_verify(args) -> int:
 def cmd_retrain(args) -> int:
     import torch
 
-    from .distill import DistillConfig, distill, kd_data, load_teacher, pruned_student
-    from .models import load_model
 
     if (args.student is None) == (args.remove is None):
         raise CLIError("give the student either as --student FOLDER (e.g. from `cbo prune`) or as --remove "
@@ -275,7 +273,6 @@ def cmd_retrain(args) -> int:
 
 
 def cmd_hybrid(args) -> int:
-    from .hybrid import run_profile, summary_table
 
     res = run_profile(args.profile, args.results, progress=True)
     print(summary_table(res["evaluations"], res["states"]).to_string(index=False))
@@ -284,7 +281,6 @@ def cmd_hybrid(args) -> int:
 
 
 def cmd_prune_files(args) -> int:
-    from .hybrid import prune_checkpoint_files
 
     out = prune_checkpoint_files(args.src, args.remove, args.out, overwrite=args.overwrite, method="manual",
                                  source=str(args.src))
@@ -361,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=_positive, default=20, help="number of lowest states to return")
     p.add_argument("--solver", default="exact", choices=["exact", "sa", "tabu"],
                    help="exact: enumeration of the k lowest, pruned by certified bounds; sa, tabu: heuristics")
-    p.add_argument("--energy", default="fisher", choices=["fisher", "taylor"],
+    p.add_argument("--energy", default="fisher", choices=sorted(ENERGIES),
                    help="fisher: xᵀHx (the paper); taylor: −gᵀx + ½xᵀHx")
     p.add_argument("--hessian-kind", default="fisher", choices=["fisher", "exact"])
     p.add_argument("--keep", type=_blocks_arg, help="blocks that must stay, e.g. 0,29")

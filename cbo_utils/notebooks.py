@@ -20,51 +20,43 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from cbo_utils.core.artifacts import atomic_write_text, repo_root
+from cbo_utils.core.imports import closure_files, imported_modules, notebook_sources
+from cbo_utils.core.profiles import load_profile, m_values, slug
+from cbo_utils.model.load import check_reachable
+
+ROOT = repo_root() or Path.cwd()  # notebooks/ lives in the checkout, not in an installed package
 NOTEBOOK_DIR = ROOT / "notebooks"
 
-#: notebook → whether it runs once per model, the profile keys it receives, the library modules it uses
+#: notebook → whether it runs once per model, the profile keys it receives (its library prerequisites are
+#: computed: :func:`library_sources`)
 NOTEBOOKS: dict[str, dict[str, Any]] = {
     "01_hessian_estimation": {
         "per_model": True,
-        "keys": ["dtype", "calibration", "samples", "max_tokens", "exact_hessian_samples", "seed", "device_map"],
-        "modules": ["stages", "hessian", "calibration", "blocks", "models", "artifacts"]},
+        "keys": ["dtype", "calibration", "samples", "max_tokens", "exact_hessian_samples", "seed", "device_map"]},
     "02_ising_construction": {
-        "per_model": True, "keys": ["M_values", "energy"],
-        "modules": ["stages", "ising", "hessian", "artifacts"]},
+        "per_model": True, "keys": ["M_values", "energy"]},
     "03_state_sampling": {
-        "per_model": True, "keys": ["M_values", "k", "solver", "bound", "seed", "dtype", "device_map"],
-        "modules": ["stages", "solvers", "bounds", "ising", "export", "blocks", "artifacts"]},
+        "per_model": True, "keys": ["M_values", "k", "solver", "bound", "seed", "dtype", "device_map"]},
     "04_pruning_and_retraining": {
-        "per_model": False, "keys": ["compare", "retrain"],
-        "modules": ["compare", "baselines", "variants", "hessian", "solvers", "evaluate", "lmeval", "results",
-                    "retrain", "distill", "calibration", "blocks", "export"]},
+        "per_model": False, "keys": ["compare", "retrain"]},
     "05_moe_nemotron": {
-        "per_model": False, "keys": ["hybrid"],
-        "modules": ["hybrid", "hessian", "baselines", "solvers", "ising", "blocks", "tiny", "calibration"]},
+        "per_model": False, "keys": ["hybrid"]},
     "06_report": {
-        "per_model": False, "keys": [],
-        "modules": ["figures", "report"]},
+        "per_model": False, "keys": []},
 }
 #: profile keys the runner itself consumes (not notebook parameters)
 RUNNER_KEYS = {"profile": "passed to every notebook as `profile`",
                "models": "one run of each per-model notebook per entry, passed as `model`"}
-COMMON = ["profile", "results_dir"]
 
 
 def _profile(profile):
-    from .pipeline import load_profile
 
     return load_profile(profile) if isinstance(profile, str) else dict(profile)
 
 
-def slug(model: str) -> str:
-    return model.replace("/", "__")
-
-
 def parameters_for(notebook: str, profile, model: str | None = None, results_dir=None) -> dict[str, Any]:
     """The papermill parameters of ``notebook`` for ``profile`` (name, path or dict) and ``model``."""
-    from .pipeline import _m_values
 
     if notebook not in NOTEBOOKS:
         raise ValueError(f"unknown notebook {notebook!r}; choose from {sorted(NOTEBOOKS)}")
@@ -86,7 +78,7 @@ def parameters_for(notebook: str, profile, model: str | None = None, results_dir
                                  else str(Path(results_dir) / "figures"))
     for key in spec["keys"]:
         if key == "M_values":
-            params[key] = [int(m) for m in _m_values(cfg, model)]
+            params[key] = [int(m) for m in m_values(cfg, model)]
         else:
             params[key] = cfg.get(key)
     return params
@@ -123,20 +115,26 @@ def run_notebook(notebook: str, profile, model: str | None = None, results_dir=N
 
 
 # ----------------------------------------------------------------------------------------------- the Make graph
-def _lib(modules: Sequence[str]) -> str:
-    return " ".join(f"cbo_utils/{m}.py" for m in modules)
+def library_sources(notebook: str) -> list[str]:
+    """The ``cbo_utils`` source files a notebook can run: the import closure (read from the AST) of what its code
+    cells import — so editing any module a notebook depends on, however indirectly, makes its outputs stale."""
+    code = notebook_sources(NOTEBOOK_DIR / f"{notebook}.ipynb")
+    return closure_files(imported_modules(code))
+
+
+def _lib(notebook: str) -> str:
+    return " ".join(library_sources(notebook))
 
 
 def outputs(profile) -> dict[str, list[str]]:
     """Artifact paths (relative to the repository root) per stage: the Make targets."""
-    from .pipeline import _m_values
 
     cfg = _profile(profile)
     R = f"results/{cfg['profile']}"
     out: dict[str, list[str]] = {}
     for m in cfg["models"]:
         d = f"{R}/{slug(m)}"
-        Ms = _m_values(cfg, m)
+        Ms = m_values(cfg, m)
         out[f"01:{m}"] = [f"{d}/gradients.safetensors"]
         out[f"02:{m}"] = [f"{d}/ising_M{M}.json" for M in Ms]
         out[f"03:{m}"] = [f"{d}/states_M{M}.csv" for M in Ms] + [f"{d}/pruned_M{M}_cbo0/verification.json"
@@ -163,7 +161,7 @@ def make_graph(profile) -> str:
     cfg = _profile(profile)
     p = cfg["profile"]
     outs = outputs(cfg)
-    conf = f"configs/{p}.yaml"
+    conf = f"cbo_utils/configs/{p}.yaml"
     lines = [f"# autogenerated by `python -m cbo_utils.notebooks graph --profile {p}` — do not edit", ""]
     states_all: list[str] = []
     for m in cfg["models"]:
@@ -171,17 +169,17 @@ def make_graph(profile) -> str:
         states_all += states
         for name, targets, upstream in (("01_hessian_estimation", g, []), ("02_ising_construction", ising, g),
                                         ("03_state_sampling", states, ising)):
-            lines += _rule(targets, [*upstream, f"notebooks/{name}.ipynb", conf, _lib(NOTEBOOKS[name]["modules"])],
+            lines += _rule(targets, [*upstream, f"notebooks/{name}.ipynb", conf, _lib(name)],
                            f"$(NB) run {name} --profile {p} --model {m}")
     lines += _rule(outs["04"], [*states_all, "notebooks/04_pruning_and_retraining.ipynb", conf,
-                                _lib(NOTEBOOKS["04_pruning_and_retraining"]["modules"])],
+                                _lib("04_pruning_and_retraining")],
                    f"$(NB) run 04_pruning_and_retraining --profile {p}")
     if outs["05"]:
         lines += _rule(outs["05"], ["notebooks/05_moe_nemotron.ipynb", conf,
-                                    _lib(NOTEBOOKS["05_moe_nemotron"]["modules"])],
+                                    _lib("05_moe_nemotron")],
                        f"$(NB) run 05_moe_nemotron --profile {p}")
     lines += _rule(outs["06"], [*outs["04"], *outs["05"], "notebooks/06_report.ipynb",
-                                _lib(NOTEBOOKS["06_report"]["modules"])], f"$(NB) run 06_report --profile {p}")
+                                _lib("06_report")], f"$(NB) run 06_report --profile {p}")
     lines += [f"REPRODUCE_TARGETS := {' '.join(outs['06'])}",
               f"STAGE_TARGETS := {' '.join(t for v in outs.values() for t in v)}", ""]
     return "\n".join(lines)
@@ -214,7 +212,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = run_notebook(args.notebook, args.profile, args.model, args.results)
         print(f"✔ {label} in {time.perf_counter() - t0:.0f} s — log: {out}", flush=True)
     elif args.cmd == "graph":
-        from .artifacts import atomic_write_text
 
         text = make_graph(args.profile)
         if args.out:
@@ -223,7 +220,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(text)
     elif args.cmd == "check":
-        from .pipeline import _check_reachable
 
         cfg = _profile(args.profile)
         models = list(cfg["models"])
@@ -231,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hyb and hyb != "standin":
             models.append(hyb)
         for m in models:
-            _check_reachable(m)   # exits with the reason and what to do
+            check_reachable(m)   # exits with the reason and what to do
         print(f"profile {cfg['profile']}: {len(models)} model(s) reachable")
     else:
         import json

@@ -6,8 +6,8 @@ import torch
 from accelerate import Accelerator
 from conftest import varied_calibration
 
-from cbo_utils.hessian import collect_gate_gradients
-from cbo_utils.tiny import build_tiny
+from cbo_utils.gradients import collect_gate_gradients
+from cbo_utils.model.tiny import build_tiny
 
 if __name__ == "__main__":
     acc = Accelerator(cpu=True)

@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from cbo_utils.calibration import CalibrationSet, _sample  # noqa: E402
-from cbo_utils.tiny import build_tiny, build_tokenizer  # noqa: E402
+from cbo_utils.model.tiny import build_tiny, build_tokenizer  # noqa: E402
 
 TINY = ["tiny-llama", "tiny-qwen3", "tiny-nemotron-h"]
 

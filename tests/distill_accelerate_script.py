@@ -7,7 +7,7 @@ from accelerate import Accelerator
 from safetensors.torch import save_model
 from test_distill import random_data, teacher_student
 
-from cbo_utils.distill import DistillConfig, distill
+from cbo_utils.prune.distill import DistillConfig, distill
 
 if __name__ == "__main__":
     acc = Accelerator(cpu=True)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import varied_calibration
 
-from cbo_utils.hessian import collect_gate_gradients
-from cbo_utils.tiny import build_tiny
+from cbo_utils.gradients import collect_gate_gradients
+from cbo_utils.model.tiny import build_tiny
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,7 +35,7 @@ def test_two_processes_gather_rows_in_calibration_order(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from cbo_utils.models import load_model
+    from cbo_utils.model.load import load_model
 
     return load_model("smollm2")
 
@@ -57,8 +57,8 @@ def test_smollm2_gate_gradients_finite_and_nonzero_for_all_30_blocks(smollm2):
 @pytest.mark.real
 def test_smollm2_export_verified_and_perplexity_gated_equals_pruned(smollm2, tmp_path):
     from cbo_utils.calibration import heldout_text
-    from cbo_utils.evaluate import perplexity, perplexity_windows
-    from cbo_utils.export import export_pruned, verify_export
+    from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
+    from cbo_utils.prune.export import export_pruned, verify_export
 
     model, tok = smollm2
     remove = [14, 20]

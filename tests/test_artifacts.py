@@ -6,8 +6,8 @@ import pickle
 import pytest
 import torch
 
-from cbo_utils.artifacts import atomic_write_text, format_blocks, parse_blocks, sidecar_path
-from cbo_utils.hessian import GradientResult, load_gradients
+from cbo_utils.core.artifacts import atomic_write_text, format_blocks, parse_blocks, sidecar_path
+from cbo_utils.gradients import GradientResult, load_gradients
 
 
 def test_safetensors_round_trip_with_sidecar(tmp_path):
@@ -76,7 +76,7 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     import os
     import stat
 
-    from cbo_utils.artifacts import atomic_write_text
+    from cbo_utils.core.artifacts import atomic_write_text
 
     p = atomic_write_text(tmp_path / "a.csv", "x\n")
     umask = os.umask(0)
@@ -87,17 +87,17 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
 def test_provenance_names_no_machine_specific_directory(monkeypatch, tmp_path):
     import sys
 
-    from cbo_utils import artifacts
+    from cbo_utils.core import artifacts
 
     repo = artifacts._REPO
-    f = repo / "configs" / "tiny.yaml"
-    monkeypatch.setattr(sys, "argv", [str(repo / "cbo_utils" / "hybrid.py"), "--profile", "mini", "--results",
+    f = repo / "cbo_utils" / "configs" / "tiny.yaml"
+    monkeypatch.setattr(sys, "argv", [str(repo / "cbo_utils" / "experiments" / "hybrid.py"), "--profile", "mini", "--results",
                                       str(repo / "results" / "mini")])
     monkeypatch.setenv("CBO_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "m.json").write_text("{}")
     rec = artifacts.provenance("x", inputs={"config": f, "cached": tmp_path / "cache" / "m.json"})
-    assert rec["command"] == "python -m cbo_utils.hybrid --profile mini --results results/mini"
-    assert rec["inputs"]["config"]["path"] == "configs/tiny.yaml" and rec["inputs"]["config"]["sha256"]
+    assert rec["command"] == "python -m cbo_utils.experiments.hybrid --profile mini --results results/mini"
+    assert rec["inputs"]["config"]["path"] == "cbo_utils/configs/tiny.yaml" and rec["inputs"]["config"]["sha256"]
     assert rec["inputs"]["cached"]["path"] == "$CBO_CACHE/m.json"
     assert str(repo) not in str(rec["command"]) + str(rec["inputs"])

@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from conftest import varied_calibration
 
-from cbo_utils import baselines as B
-from cbo_utils.blocks import Gates, get_adapter, remove_blocks
 from cbo_utils.calibration import CalibrationSet, _sample
-from cbo_utils.evaluate import perplexity
-from cbo_utils.hessian import sample_loss
-from cbo_utils.tiny import build_tiny, tiny_llama
+from cbo_utils.evaluate.perplexity import perplexity
+from cbo_utils.gradients import sample_loss
+from cbo_utils.model import loss
+from cbo_utils.model.blocks import Gates, get_adapter, remove_blocks
+from cbo_utils.model.tiny import build_tiny, tiny_llama
+from cbo_utils.select import baselines as B
+from cbo_utils.select import methods, selection, swm
 
 
 def _with_final_norm_weights(model):
@@ -96,7 +98,7 @@ def test_padding_never_counts(which, request):
     assert one["tokens"] == padded["tokens"] == calib.tokens
     for key in ("bi", "norm_ratio", "last_states"):
         torch.testing.assert_close(padded[key], one[key], atol=1e-5, rtol=1e-4)
-    assert B.calibration_nll(model, calib, [2], batch_size=4) == pytest.approx(B.calibration_nll(model, calib, [2]),
+    assert loss.calibration_nll(model, calib, [2], batch_size=4) == pytest.approx(loss.calibration_nll(model, calib, [2]),
                                                                                rel=1e-5)
     s1, s4 = B.sleb(model, calib, 1, batch_size=1), B.sleb(model, calib, 1, batch_size=4)
     assert s1.removed == s4.removed
@@ -205,7 +207,7 @@ def test_hybrid_never_loses_its_last_attention_block(nemotron):
         assert {5, 10} - set(B.random_selection(model, N - 2, seed).removed)
     assert {5, 10} - set(B.norm_ratio(model, calib, N - 2).removed)
     with pytest.raises(ValueError, match="hybrid"):
-        B.sliding_window_merging(model, calib, 2)
+        swm.sliding_window_merging(model, calib, 2)
 
 
 # ------------------------------------------------------------------------------------------- one-shot perplexity
@@ -249,11 +251,11 @@ def test_swm_reaches_M_and_builds_the_merged_model(llama, M):
     model, _, calib = llama
     N = _n(model)
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    sel = B.sliding_window_merging(model, calib, M)
+    sel = swm.sliding_window_merging(model, calib, M)
     assert len(sel.removed) == M and sel.meta["reached_M"]
     windows = sel.meta["windows"]
     assert sorted(k for a, b in windows for k in range(a + 1, b + 1)) == sel.removed
-    new = B.build_swm_model(model, sel)
+    new = swm.build_swm_model(model, sel)
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())  # the source is untouched
     new_layers, old_layers = get_adapter(new).layers(new), get_adapter(model).layers(model)
     assert len(new_layers) == N - M and new.config.num_hidden_layers == N - M
@@ -278,27 +280,27 @@ def test_swm_reaches_M_and_builds_the_merged_model(llama, M):
 
 def test_swm_fixed_threshold_and_qwen3(qwen3):
     model, _, calib = qwen3
-    sel = B.sliding_window_merging(model, calib, 2)
+    sel = swm.sliding_window_merging(model, calib, 2)
     assert len(sel.removed) == 2
-    new = B.build_swm_model(model, sel)
+    new = swm.build_swm_model(model, sel)
     assert len(new.config.layer_types) == _n(model) - 2
-    assert B.sliding_window_merging(model, calib, 2, threshold=1.0).removed == []  # cos never exceeds 1
+    assert swm.sliding_window_merging(model, calib, 2, threshold=1.0).removed == []  # cos never exceeds 1
 
 
 # ----------------------------------------------------------------------------------------- registry and table
 def test_run_baseline_registry_and_rows(llama, tmp_path):
     model, _, calib = llama
-    with pytest.raises(ValueError, match="unknown baseline 'nope'"):
-        B.run_baseline("nope", model, calib, 2)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        methods.run_method("nope", model, calib, 2)
     with pytest.raises(ValueError, match="M must be"):
-        B.run_baseline("bi", model, calib, _n(model))
-    sels = [B.run_baseline(name, model, calib, 2) for name in ("bi", "bi-iterative", "tail", "random")]
+        methods.run_method("bi", model, calib, _n(model))
+    sels = [methods.run_method(name, model, calib, 2) for name in ("bi", "bi-iterative", "tail", "random")]
     assert [s.method for s in sels] == ["block_influence", "block_influence_iterative", "tail", "random"]
-    assert B.run_baseline("random", model, calib, 2, seed=3).removed == B.random_selection(model, 2, 3).removed
+    assert methods.run_method("random", model, calib, 2, seed=3).removed == B.random_selection(model, 2, 3).removed
     row = sels[1].to_row()
     assert row["removed"] == " ".join(map(str, sels[1].removed)) and row["relative"]
     assert row["calibration_sha256"] == calib.sha256 and row["meta_N"] == _n(model)
-    path = B.write_selections_csv(sels, tmp_path / "selections.csv")
+    path = selection.write_selections_csv(sels, tmp_path / "selections.csv")
     with open(path) as fh:
         rows = list(csv.DictReader(fh))
     assert [r["method"] for r in rows] == [s.method for s in sels]

@@ -5,7 +5,8 @@ import torch
 from conftest import varied_calibration
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cbo_utils.blocks import (
+from cbo_utils.gradients import collect_gate_gradients, exact_gate_hessian, fisher_from_gradients, sample_loss
+from cbo_utils.model.blocks import (
     ADAPTERS,
     Adapter,
     Gates,
@@ -16,8 +17,7 @@ from cbo_utils.blocks import (
     num_blocks,
     register_adapter,
 )
-from cbo_utils.hessian import collect_gate_gradients, exact_gate_hessian, fisher_from_gradients, sample_loss
-from cbo_utils.tiny import TINY_NEMOTRON_PATTERN, build_tiny
+from cbo_utils.model.tiny import TINY_NEMOTRON_PATTERN, build_tiny
 
 
 def test_adapters_find_blocks_and_types(tiny_name, tiny):
@@ -195,7 +195,7 @@ def test_low_precision_weights_keep_float32_gates(dtype):
 
 
 def test_interrupted_collection_resumes_from_its_checkpoint(tmp_path, monkeypatch):
-    import cbo_utils.hessian as hz
+    import cbo_utils.gradients as hz
 
     model, tok = build_tiny("tiny-llama")
     calib = varied_calibration(tok, n=7)

@@ -1,4 +1,4 @@
-"""Certified lower bounds (cbo_utils.bounds) against independent brute force: validity on PSD (Fisher-like) and
+"""Certified lower bounds (cbo_utils.problem.bounds) against independent brute force: validity on PSD (Fisher-like) and
 indefinite instances for every cardinality, validity for arbitrary multipliers, branch-and-bound node bounds, and
 problems with keep/remove constraints."""
 
@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from cbo_utils.bounds import (
+from cbo_utils.problem.bounds import (
     Convexification,
     convexification_bound,
     convexify,
@@ -15,8 +15,8 @@ from cbo_utils.bounds import (
     lower_bound,
     node_lower_bounds,
 )
-from cbo_utils.ising import BlockRemovalProblem
-from cbo_utils.solvers import brute_force_lowest
+from cbo_utils.problem.ising import BlockRemovalProblem
+from cbo_utils.solvers.exact import brute_force_lowest
 
 # Relative gap (optimum − bound)/optimum on the PSD instances of test_bound_is_valid_and_tight, as measured: median
 # 0.025, 90th percentile 0.22, worst 0.45 (other seeds: medians 0.016–0.032, worst up to 0.54); about 30% of the

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cbo_utils.cli import main
-from cbo_utils.hessian import load_gradients
+from cbo_utils.gradients import load_gradients
 
 
 @pytest.mark.parametrize("name, M, extra", [
@@ -47,7 +47,7 @@ def test_tiny_pipeline_through_cli(name, M, extra, tmp_path, capsys):
 
 
 def _grad_dir(tmp_path, A):
-    from cbo_utils.hessian import GradientResult
+    from cbo_utils.gradients import GradientResult
 
     GradientResult.from_A(A).save(tmp_path)
     return str(tmp_path)
@@ -140,7 +140,7 @@ def test_prune_then_retrain_through_cli(tmp_path, capsys):
 def test_prune_files_through_cli(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from cbo_utils.tiny import build_tiny
+    from cbo_utils.model.tiny import build_tiny
 
     model, tok = build_tiny("tiny-nemotron-h")
     model.save_pretrained(tmp_path / "src")
@@ -159,7 +159,7 @@ def test_solve_with_a_certified_bound(tmp_path, capsys):
 
     import numpy as np
 
-    from cbo_utils.artifacts import read_json
+    from cbo_utils.core.artifacts import read_json
 
     A = torch.randn(64, 14, dtype=torch.float64) * torch.linspace(2.0, 0.2, 14, dtype=torch.float64)
     g = _grad_dir(tmp_path / "g", A)

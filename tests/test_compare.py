@@ -7,13 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cbo_utils import compare
-from cbo_utils.artifacts import parse_blocks
-from cbo_utils.baselines import calibration_nll
 from cbo_utils.calibration import embedded, heldout_text
-from cbo_utils.evaluate import perplexity, perplexity_windows
-from cbo_utils.pipeline import load_profile
-from cbo_utils.tiny import build_tiny
+from cbo_utils.core.artifacts import parse_blocks
+from cbo_utils.core.profiles import load_profile
+from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
+from cbo_utils.experiments import compare
+from cbo_utils.model.loss import calibration_nll
+from cbo_utils.model.tiny import build_tiny
+from cbo_utils.select.cbo import DEFAULT_VARIANT
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_perplexity_rows_match_independent_computation(run):
     win = perplexity_windows(tok, heldout_text(), seq_len=64, windows=4)
     row = ev[(ev["method"] == "block_influence") & (ev["task"] == "heldout_ppl")].iloc[0]
     removed = parse_blocks(row["removed_blocks"])
-    from cbo_utils.blocks import remove_blocks
+    from cbo_utils.model.blocks import remove_blocks
 
     remove_blocks(model, removed)  # physical removal: must equal the gated evaluation the harness did
     assert perplexity(model, win)["perplexity"] == pytest.approx(row["value"], rel=1e-5)
@@ -76,7 +77,7 @@ def test_correlations_and_resume(run, capsys):
     assert not ppl["removed_blocks"].duplicated().any()  # one measurement per state
     assert ppl["zero_shot_mean"].between(0, 1).all() and (ppl["zero_shot_limit"] == 2).all()
     en_all = pd.read_csv(run / "state_energies.csv")
-    from cbo_utils.variants import spearman
+    from cbo_utils.select.cbo import spearman
 
     for _, c in corr.iterrows():  # ρ recomputed from the per-state table (NaN when the accuracy is constant)
         e = en_all[(en_all["variant"] == c["variant"]) & (en_all["M"] == c["M"])]
@@ -88,7 +89,7 @@ def test_correlations_and_resume(run, capsys):
     # the same random states for both variants, each with its own energy recomputed here independently
     a, b = (rnd[rnd["variant"] == v].sort_values("rank") for v in ("cbo-paper", "cbo-sd"))
     assert list(a["removed_blocks"]) == list(b["removed_blocks"]) and len(a) == 5
-    from cbo_utils.hessian import load_gradients
+    from cbo_utils.gradients import load_gradients
 
     g = load_gradients(run / "tiny-llama" / "compare" / "gradients_dense_8.safetensors")
     H = g.H.numpy()
@@ -108,7 +109,7 @@ def test_efficiency_rows(run):
     ev = pd.read_csv(run / "evaluations.csv")
     eff = ev[ev["task"] == "efficiency"]
     dense = eff[(eff["method"] == "dense") & (eff["metric"] == "parameters")]["value"].iloc[0]
-    pruned = eff[(eff["method"] == compare.DEFAULT_VARIANT) & (eff["metric"] == "parameters")]["value"].iloc[0]
+    pruned = eff[(eff["method"] == DEFAULT_VARIANT) & (eff["metric"] == "parameters")]["value"].iloc[0]
     assert pruned < dense
     from transformers import AutoModelForCausalLM
 

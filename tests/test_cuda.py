@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import varied_calibration
 
-from cbo_utils.export import export_pruned, verify_export
-from cbo_utils.hessian import collect_gate_gradients, exact_gate_hessian
-from cbo_utils.ising import BlockRemovalProblem
-from cbo_utils.solvers import exact_lowest
-from cbo_utils.tiny import build_tiny
+from cbo_utils.gradients import collect_gate_gradients, exact_gate_hessian
+from cbo_utils.model.tiny import build_tiny
+from cbo_utils.problem.ising import BlockRemovalProblem
+from cbo_utils.prune.export import export_pruned, verify_export
+from cbo_utils.solvers.exact import exact_lowest
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -74,7 +74,7 @@ def test_cuda_distillation_step_equals_cpu_and_bf16_runs(tmp_path):
     the held-out KL; the NF4 teacher loads where bitsandbytes is installed."""
     from test_distill import random_data, teacher_student
 
-    from cbo_utils.distill import DistillConfig, distill
+    from cbo_utils.prune.distill import DistillConfig, distill
 
     teacher, s_cpu, tok = teacher_student()
     data = random_data(tok)
@@ -94,7 +94,7 @@ def test_cuda_distillation_step_equals_cpu_and_bf16_runs(tmp_path):
 
 def test_cuda_nf4_teacher_loads_when_bitsandbytes_is_present(tmp_path):
     pytest.importorskip("bitsandbytes")
-    from cbo_utils.distill import load_teacher
+    from cbo_utils.prune.distill import load_teacher
 
     model, tok = build_tiny("tiny-llama")
     model.save_pretrained(tmp_path / "m")

@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cbo_utils.blocks import remove_blocks
-from cbo_utils.distill import DistillConfig, KDData, batch_plan, cosine_lr, distill, heldout_kl, kd_data, kd_loss
-from cbo_utils.tiny import build_tiny
+from cbo_utils.model.blocks import remove_blocks
+from cbo_utils.model.tiny import build_tiny
+from cbo_utils.prune.distill import DistillConfig, KDData, batch_plan, cosine_lr, distill, heldout_kl, kd_data, kd_loss
 
 HERE = Path(__file__).resolve().parent
 
@@ -184,7 +184,7 @@ def test_loss_decreases_and_saved_model_reloads_on_embedded_chat_data(tmp_path):
 def test_retrain_runner_writes_before_and_after_rows_and_resumes(tmp_path):
     import pandas as pd
 
-    from cbo_utils.retrain import run_retrain
+    from cbo_utils.experiments.retrain import run_retrain
 
     (tmp_path / "selections.csv").write_text(
         "model,method,M,removed_blocks,energy,selection_seconds,calibration_tokens,seed\n"

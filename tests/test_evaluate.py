@@ -2,9 +2,9 @@ import copy
 
 import pytest
 
-from cbo_utils.blocks import remove_blocks
-from cbo_utils.evaluate import perplexity, perplexity_windows
-from cbo_utils.tiny import build_tiny
+from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
+from cbo_utils.model.blocks import remove_blocks
+from cbo_utils.model.tiny import build_tiny
 
 TEXT = ["The heart pumps blood through the arteries and the veins."] * 60
 

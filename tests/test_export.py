@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from cbo_utils.blocks import Gates, RemovalError, block_types, check_removal, get_adapter, remove_blocks
-from cbo_utils.export import VerificationError, export_pruned, verify_export
-from cbo_utils.tiny import build_tiny
+from cbo_utils.model.blocks import Gates, RemovalError, block_types, check_removal, get_adapter, remove_blocks
+from cbo_utils.model.tiny import build_tiny
+from cbo_utils.prune.export import VerificationError, export_pruned, verify_export
 
 REMOVALS = {"tiny-llama": [1, 3], "tiny-qwen3": [0, 4], "tiny-nemotron-h": [2, 5, 7]}
 
@@ -144,8 +144,8 @@ def test_remote_code_layout_gates_and_removal():
 def test_exported_folder_is_readable_by_others(tmp_path):
     import stat
 
-    from cbo_utils.export import export_pruned
-    from cbo_utils.tiny import build_tiny
+    from cbo_utils.model.tiny import build_tiny
+    from cbo_utils.prune.export import export_pruned
 
     model, tok = build_tiny("tiny-llama")
     out = export_pruned(model, tok, [2], tmp_path / "p")

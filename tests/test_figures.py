@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cbo_utils.artifacts import format_blocks, write_json
-from cbo_utils.figures import (
+from cbo_utils.core.artifacts import format_blocks, write_json
+from cbo_utils.evaluate.lmeval import ZERO_SHOT_METRIC
+from cbo_utils.report.figures import (
     draw_all,
     draw_energy_vs_perplexity,
     draw_energy_vs_zero_shot,
@@ -20,8 +21,7 @@ from cbo_utils.figures import (
     draw_method,
     draw_states_map,
 )
-from cbo_utils.lmeval import ZERO_SHOT_METRIC
-from cbo_utils.variants import spearman
+from cbo_utils.select.cbo import spearman
 
 N, M = 6, 2
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""Type-restricted block removal on hybrid models (cbo_utils.hybrid), each against an independent computation:
+"""Type-restricted block removal on hybrid models (cbo_utils.experiments.hybrid), each against an independent computation:
 brute force over all states, physical removal, reload round trips, hand-built expectations."""
 
 import copy
@@ -12,25 +12,17 @@ import pytest
 import torch
 from conftest import varied_calibration
 
-from cbo_utils import hybrid
-from cbo_utils.blocks import RemovalError, block_types, check_removal, remove_blocks
 from cbo_utils.calibration import CalibrationSet, _sample
-from cbo_utils.hybrid import (
-    NANO_PATTERN,
-    budget_label,
-    evaluate_windows,
-    exact_lowest_by_type,
-    hybrid_settings,
-    normalise_budget,
-    parse_budget,
-    pattern_types,
-    prune_checkpoint_files,
-    remap_layer_references,
-    run_hybrid_experiment,
-    standin_nemotron_h,
-    type_budget_problem,
-)
-from cbo_utils.tiny import TINY_NEMOTRON_PATTERN, tiny_llama, tiny_nemotron_h
+from cbo_utils.evaluate import reasoning
+from cbo_utils.experiments import hybrid
+from cbo_utils.experiments.hybrid import evaluate_windows, hybrid_settings, run_hybrid_experiment
+from cbo_utils.model import standin as standin_module
+from cbo_utils.model.blocks import RemovalError, block_types, check_removal, pattern_types, remove_blocks
+from cbo_utils.model.standin import NANO_PATTERN, standin_nemotron_h
+from cbo_utils.model.tiny import TINY_NEMOTRON_PATTERN, tiny_llama, tiny_nemotron_h
+from cbo_utils.problem.budgets import budget_label, normalise_budget, parse_budget, type_budget_problem
+from cbo_utils.prune.files import prune_checkpoint_files, remap_layer_references
+from cbo_utils.solvers.by_type import exact_lowest_by_type
 
 STANDIN_KW = dict(pattern=NANO_PATTERN, hidden=32, steps=6, seq_len=32, batch_size=2, lr=3e-3, seed=0,
                   progress=False)
@@ -148,10 +140,10 @@ def standin(tmp_path_factory):
 
 
 def test_standin_trains_caches_and_reloads(standin, monkeypatch):
-    from cbo_utils.tiny import build_tokenizer
+    from cbo_utils.model.tiny import build_tokenizer
 
     model, tok, info, root = standin
-    assert info["stand_in"] is True and hybrid.NANO_MODEL_ID in info["note"] and not info["loaded_from_cache"]
+    assert info["stand_in"] is True and standin_module.NANO_MODEL_ID in info["note"] and not info["loaded_from_cache"]
     assert info["heldout_loss_trained"] < info["heldout_loss_untrained"] - 0.3  # it learned something
     assert info["loss_last"] < info["loss_first"]
     assert info["tokens_seen"] == 6 * 2 * 32
@@ -161,7 +153,7 @@ def test_standin_trains_caches_and_reloads(standin, monkeypatch):
     saved = json.loads((folder / "standin_info.json").read_text())
     assert saved["stand_in"] is True and saved["settings"]["steps"] == 6
     # second call: loaded from the cache (no training), same weights, same tokenizer
-    monkeypatch.setattr(hybrid, "_lm_loss", lambda *a, **k: pytest.fail("trained again instead of loading"))
+    monkeypatch.setattr(standin_module, "_lm_loss", lambda *a, **k: pytest.fail("trained again instead of loading"))
     model2, tok2, info2 = standin_nemotron_h(cache_root=root, **STANDIN_KW)
     assert info2["loaded_from_cache"] and info2["path"] == info["path"]
     text = "Water boils at one hundred degrees.\nAnswer: heat"
@@ -170,15 +162,15 @@ def test_standin_trains_caches_and_reloads(standin, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(model2(x).logits, model(x).logits, rtol=0, atol=1e-6)
     # other settings → another cache folder name
-    assert hybrid._settings_hash(hybrid.standin_settings(steps=7)) != hybrid._settings_hash(
-        hybrid.standin_settings(steps=6))
+    assert standin_module._settings_hash(standin_module.standin_settings(steps=7)) != standin_module._settings_hash(
+        standin_module.standin_settings(steps=6))
 
 
 def test_standin_interrupted_write_leaves_no_cache(tmp_path, monkeypatch):
     def boom(folder, info):
         raise KeyboardInterrupt("simulated interruption while writing the cache")
 
-    monkeypatch.setattr(hybrid, "_write_info", boom)
+    monkeypatch.setattr(standin_module, "_write_info", boom)
     kw = dict(STANDIN_KW, pattern="MEM*E", steps=1, seq_len=16)
     with pytest.raises(KeyboardInterrupt):
         standin_nemotron_h(cache_root=tmp_path, **kw)
@@ -188,9 +180,9 @@ def test_standin_interrupted_write_leaves_no_cache(tmp_path, monkeypatch):
 
 
 def _windows(tok, n=3, seq_len=48):
-    from cbo_utils.evaluate import perplexity_windows
+    from cbo_utils.evaluate.perplexity import perplexity_windows
 
-    return perplexity_windows(tok, hybrid.sciq_plain_texts("heldout")[:40], seq_len=seq_len, windows=n)
+    return perplexity_windows(tok, standin_module.sciq_plain_texts("heldout")[:40], seq_len=seq_len, windows=n)
 
 
 def test_gated_evaluation_equals_physical_removal_on_standin(standin):
@@ -204,14 +196,14 @@ def test_gated_evaluation_equals_physical_removal_on_standin(standin):
     physical = evaluate_windows(pruned, win, batch_size=2)
     assert gated["accuracy"] == physical["accuracy"] and gated["tokens"] == physical["tokens"]
     assert math.isclose(gated["perplexity"], physical["perplexity"], rel_tol=1e-6)
-    from cbo_utils.blocks import Gates
+    from cbo_utils.model.blocks import Gates
 
     with torch.no_grad(), Gates(model) as g, g.removed(removed):
         ref = model(win).logits
     with torch.no_grad():
         torch.testing.assert_close(pruned(win).logits, ref, rtol=0, atol=1e-5)
     # and the dense numbers agree with an independent computation (evaluate.perplexity + a hand-written accuracy)
-    from cbo_utils.evaluate import perplexity
+    from cbo_utils.evaluate.perplexity import perplexity
 
     dense = evaluate_windows(model, win)
     assert math.isclose(dense["perplexity"], perplexity(model, win)["perplexity"], rel_tol=1e-9)
@@ -221,7 +213,7 @@ def test_gated_evaluation_equals_physical_removal_on_standin(standin):
 
 
 def test_block_influence_by_type(standin):
-    from cbo_utils.baselines import block_influence, block_statistics
+    from cbo_utils.select.baselines import block_influence, block_statistics
 
     model, tok, _, _ = standin
     types = block_types(model)
@@ -243,7 +235,7 @@ def test_block_influence_by_type(standin):
 
 
 def test_run_hybrid_experiment_end_to_end_and_resume(standin, tmp_path, monkeypatch):
-    from cbo_utils.hessian import load_gradients
+    from cbo_utils.gradients import load_gradients
 
     model, tok, _, _ = standin
     g = torch.Generator().manual_seed(0)
@@ -312,7 +304,7 @@ def _save(model, tok, folder, shard=None):
 def test_prune_checkpoint_files_nemotron_equals_in_memory_removal(tmp_path, shard):
     from transformers import AutoModelForCausalLM
 
-    from cbo_utils.export import verify_export
+    from cbo_utils.prune.export import verify_export
 
     model, tok = tiny_nemotron_h(TINY_NEMOTRON_PATTERN)  # MEMEM*EMEM*EME
     src = _save(model, tok, tmp_path / "src", shard)
@@ -438,7 +430,7 @@ def test_command_line_runs_a_profile(tmp_path, monkeypatch, capsys):
     import yaml
     from transformers import AutoModelForCausalLM
 
-    from cbo_utils.blocks import Gates
+    from cbo_utils.model.blocks import Gates
 
     monkeypatch.setenv("CBO_CACHE", str(tmp_path / "cache"))
     settings = {"pattern": "MEM*E*ME", "hidden": 32, "train_steps": 2, "train_seq_len": 32, "train_batch_size": 2}
@@ -474,13 +466,13 @@ def test_reasoning_evaluation_of_pruned_checkpoints_retention_and_resume(tmp_pat
     an offline task; retention checked against the scores, and a second call measures nothing again."""
     import pandas as pd
 
-    from cbo_utils import lmeval
+    from cbo_utils.evaluate import lmeval
 
     model, tok = tiny_nemotron_h(TINY_NEMOTRON_PATTERN)
     src = _save(model, tok, tmp_path / "src")
     folders = {"moe-1__cbo0": prune_checkpoint_files(src, [1], tmp_path / "a"),
                "attention-1__cbo0": prune_checkpoint_files(src, [5], tmp_path / "b")}
-    df = hybrid.evaluate_reasoning(folders, src, ["arc_easy"], tmp_path / "out", stand_in=True, source="offline",
+    df = reasoning.evaluate_reasoning(folders, src, ["arc_easy"], tmp_path / "out", stand_in=True, source="offline",
                                    apply_chat_template=False, limit=4, dtype="float32", batch_size=4)
     assert set(df["label"]) == {"dense", "moe-1__cbo0", "attention-1__cbo0"}
     direct = lmeval.evaluate_checkpoint(folders["moe-1__cbo0"], ["arc_easy"], limit=4, batch_size=4)
@@ -496,7 +488,7 @@ def test_reasoning_evaluation_of_pruned_checkpoints_retention_and_resume(tmp_pat
     def boom(*a, **k):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(lmeval, "evaluate_checkpoint", boom)
-    again = hybrid.evaluate_reasoning(folders, src, ["arc_easy"], tmp_path / "out", stand_in=True,
+    monkeypatch.setattr(reasoning, "evaluate_checkpoint", boom)
+    again = reasoning.evaluate_reasoning(folders, src, ["arc_easy"], tmp_path / "out", stand_in=True,
                                       source="offline", apply_chat_template=False, limit=4)
     pd.testing.assert_frame_equal(again.reset_index(drop=True), df.reset_index(drop=True), check_dtype=False)

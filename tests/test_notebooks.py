@@ -57,7 +57,7 @@ def test_notebook_hygiene(name):
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_profile_key_is_a_notebook_parameter(profile):
-    cfg = yaml.safe_load((ROOT / "configs" / f"{profile}.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "cbo_utils" / "configs" / f"{profile}.yaml").read_text())
     received = {k for spec in NOTEBOOKS.values() for k in spec["keys"]}
     missing = sorted(set(cfg) - received - set(RUNNER_KEYS))
     assert not missing, f"profile keys no notebook receives: {missing}"
@@ -109,8 +109,8 @@ def test_make_graph_declares_every_prerequisite():
     text = make_graph("mini")
     rule = [ln for ln in text.splitlines() if ln.startswith("results/mini/smollm2/states_M4.csv:")][0]
     for need in ("results/mini/smollm2/ising_M4.json", "results/mini/smollm2/ising_M15.json",
-                 "notebooks/03_state_sampling.ipynb", "configs/mini.yaml", "cbo_utils/solvers.py",
-                 "cbo_utils/stages.py"):
+                 "notebooks/03_state_sampling.ipynb", "cbo_utils/configs/mini.yaml", "cbo_utils/solvers/exact.py",
+                 "cbo_utils/experiments/stages.py", "cbo_utils/problem/bounds.py", "cbo_utils/__init__.py"):
         assert need in rule
     assert "results/mini/smollm2/states_M8.csv results/mini/smollm2/states_M15.csv" in text   # made alongside
     assert "REPRODUCE_TARGETS := figures/mini/figures.json" in text
@@ -118,7 +118,7 @@ def test_make_graph_declares_every_prerequisite():
 
 @pytest.mark.slow
 def test_touching_the_solver_reruns_only_the_stages_downstream_of_it(tmp_path):
-    """`make -n` after touching cbo_utils/solvers.py: the stages that import it — states (03), comparison (04),
+    """`make -n` after touching cbo_utils/solvers/exact.py: the stages that import it — states (03), comparison (04),
     hybrid (05) — and the report (06) downstream rerun; the gradients (01) and the Ising models (02) do not."""
     import shutil
 
@@ -144,24 +144,48 @@ def test_touching_the_solver_reruns_only_the_stages_downstream_of_it(tmp_path):
     base = ["make", "-n", "-f", "stamp.mk", "-f", "graph.mk"]
     targets = ["figures/tiny/figures.json"]
     assert "RUN" not in subprocess.run(base + targets, cwd=repo, capture_output=True, text=True).stdout
-    (repo / "cbo_utils" / "solvers.py").touch()
+    (repo / "cbo_utils" / "solvers" / "exact.py").touch()
     out = subprocess.run(base + targets, cwd=repo, capture_output=True, text=True).stdout
     ran = [ln.split()[3] for ln in out.splitlines() if ln.startswith("echo RUN run")]
     assert {"03_state_sampling", "04_pruning_and_retraining", "05_moe_nemotron", "06_report"} <= set(ran)
     assert "01_hessian_estimation" not in ran and "02_ising_construction" not in ran
     for f in files:                      # everything up to date again; then only the report module changes
         os.utime(repo / f, (t + 200, t + 200))
-    os.utime(repo / "cbo_utils" / "report.py", (t + 300, t + 300))
+    os.utime(repo / "cbo_utils" / "report" / "tables.py", (t + 300, t + 300))
     out = subprocess.run(base + targets, cwd=repo, capture_output=True, text=True).stdout
     assert [ln.split()[3] for ln in out.splitlines() if ln.startswith("echo RUN run")] == ["06_report"], out
+    for f in files:
+        os.utime(repo / f, (t + 400, t + 400))
+    # the module that builds Table 1 (comparison_table) is in 06's import closure, so 06 goes stale with it
+    os.utime(repo / "cbo_utils" / "experiments" / "compare.py", (t + 500, t + 500))
+    out = subprocess.run(base + targets, cwd=repo, capture_output=True, text=True).stdout
+    ran = [ln.split()[3] for ln in out.splitlines() if ln.startswith("echo RUN run")]
+    assert "06_report" in ran and "01_hessian_estimation" not in ran, out
+
+
+def test_library_prerequisites_are_the_import_closure():
+    """A notebook's library prerequisites are computed from the AST: 06 depends on the module that builds Table 1
+    (through report → compare) and on figures' imports; 01 does not depend on the figures or the comparison."""
+    from cbo_utils.core.imports import import_closure
+    from cbo_utils.notebooks import library_sources
+
+    six = library_sources("06_report")
+    assert {"cbo_utils/experiments/compare.py", "cbo_utils/report/figures.py", "cbo_utils/report/tables.py",
+            "cbo_utils/experiments/retrain.py"} <= set(six)
+    one = library_sources("01_hessian_estimation")
+    assert "cbo_utils/model/tiny.py" in one and "cbo_utils/gradients.py" in one
+    assert not {"cbo_utils/report/figures.py", "cbo_utils/experiments/compare.py"} & set(one)
+    # the closure is transitive and includes package __init__ files (independent check on a known chain)
+    clo = import_closure(["cbo_utils.experiments.stages"])
+    assert {"cbo_utils", "cbo_utils.solvers", "cbo_utils.solvers.exact", "cbo_utils.problem.bounds"} <= clo
 
 
 def test_readme_carries_the_generated_paper_items_table():
-    from cbo_utils.report import README_BEGIN, README_END, paper_items_table
+    from cbo_utils.report.tables import README_BEGIN, README_END, paper_items_table
 
     text = (ROOT / "README.md").read_text()
     block = text.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip()
-    assert block == paper_items_table(), "run `python -m cbo_utils.report readme`"
+    assert block == paper_items_table(), "run `python -m cbo_utils.report.tables readme`"
     for nb in NOTEBOOKS:   # every notebook appears in the map
         assert nb in block or nb[:2] in block
 

@@ -4,7 +4,8 @@ import json
 
 import pandas as pd
 
-from cbo_utils.pipeline import load_profile, run
+from cbo_utils.core.profiles import load_profile
+from cbo_utils.experiments.pipeline import run
 
 
 def test_tiny_profile_runs_and_resumes(tmp_path, capsys):
@@ -31,4 +32,4 @@ def test_tiny_profile_runs_and_resumes(tmp_path, capsys):
     assert out.count("gradients: up to date") == len(cfg["models"]) and "verified earlier" in out
     assert stamp == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("gradients.safetensors")}
     manifest = json.loads((tmp_path / "reproduce_manifest.json").read_text())
-    assert manifest["not_yet_built"]
+    assert manifest["produced"] == [str(p) for p in produced]

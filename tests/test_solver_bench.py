@@ -1,4 +1,4 @@
-"""Solver benchmark (cbo_utils.solver_bench) and its instances (cbo_utils.instances)."""
+"""Solver benchmark (cbo_utils.solvers.bench) and its instances (cbo_utils.solvers.instances)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from cbo_utils import solver_bench
-from cbo_utils.hessian import GradientResult
-from cbo_utils.instances import (
+from cbo_utils.gradients import GradientResult
+from cbo_utils.problem.ising import BlockRemovalProblem
+from cbo_utils.solvers import bench as solver_bench
+from cbo_utils.solvers.bench import CSV_NAME, MD_NAME, main, read_benchmark, run_benchmark
+from cbo_utils.solvers.exact import brute_force_lowest
+from cbo_utils.solvers.instances import (
     Instance,
     fisher_matrix,
     gradients_instance,
@@ -19,9 +22,6 @@ from cbo_utils.instances import (
     synthetic_instance,
     zenodo_instances,
 )
-from cbo_utils.ising import BlockRemovalProblem
-from cbo_utils.solver_bench import CSV_NAME, MD_NAME, main, read_benchmark, run_benchmark
-from cbo_utils.solvers import brute_force_lowest
 
 # small budgets: every run below takes well under a second after the imports
 FAST = dict(k=10, sa_reads=40, sa_sweeps=100, tabu_reads=2, tabu_timeout_ms=10, use_bound=False, progress=False,
@@ -268,9 +268,9 @@ def _fake_bounds(monkeypatch, value: float) -> list:
         calls.append(time_limit)
         return {"bound": value, "method": "fake", "array": np.zeros(3)}
 
-    import cbo_utils.bounds
+    import cbo_utils.problem.bounds
 
-    monkeypatch.setattr(cbo_utils.bounds, "lower_bound", lower_bound)
+    monkeypatch.setattr(cbo_utils.problem.bounds, "lower_bound", lower_bound)
     return calls
 
 
@@ -279,7 +279,7 @@ def test_bound_rows_and_certified_gaps(tmp_path, monkeypatch, small):
     calls = _fake_bounds(monkeypatch, opt)
     df = run_benchmark([small], [4], exact_state_limit=10, time_limit=2.5, out_dir=tmp_path,
                        **{**FAST, "use_bound": True})
-    assert calls == [2.5] and df.attrs["bound"] == "cbo_utils.bounds.lower_bound"
+    assert calls == [2.5] and df.attrs["bound"] == "cbo_utils.problem.bounds.lower_bound"
     b = df[df["solver"] == "bound"]
     assert len(b) == 1 and b["energy"].iloc[0] == opt and json.loads(b["details"].iloc[0])["method"] == "fake"
     sol = df[df["solver"] != "bound"]

@@ -8,25 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cbo_utils import solvers
-from cbo_utils.artifacts import format_blocks, parse_blocks, provenance, read_json, sidecar_path
-from cbo_utils.ising import BlockRemovalProblem
-from cbo_utils.solvers import (
-    COLUMNS,
-    brute_force_lowest,
-    combinations_colex,
-    exact_lowest,
-    naive_exact_lowest,
-    polish_states,
-    read_states_csv,
-    repair_states,
-    simulated_annealing,
-    solve,
-    states_blocks,
-    states_to_matrix,
-    tabu,
-    write_states_csv,
-)
+from cbo_utils.core.artifacts import format_blocks, parse_blocks, provenance, read_json, sidecar_path
+from cbo_utils.problem.ising import BlockRemovalProblem
+from cbo_utils.solvers import exact as solvers
+from cbo_utils.solvers.exact import brute_force_lowest, combinations_colex, exact_lowest, naive_exact_lowest
+from cbo_utils.solvers.heuristics import polish_states, repair_states, simulated_annealing, solve, tabu
+from cbo_utils.solvers.states import COLUMNS, read_states_csv, states_blocks, states_to_matrix, write_states_csv
 
 
 def psd(rng, N, m=None):
@@ -87,7 +74,7 @@ def test_combinations_colex_cover_everything_once():
 @pytest.mark.parametrize("margin", [0, 16])
 @pytest.mark.parametrize("N", [2, 5, 9, 12, 16])
 def test_exact_every_M_matches_brute_force(N, margin, monkeypatch):
-    monkeypatch.setattr(solvers, "_MARGIN", margin)  # 0: the enumeration's own ranking must already be right
+    monkeypatch.setattr(solvers, "MARGIN", margin)  # 0: the enumeration's own ranking must already be right
     rng = np.random.default_rng(N)
     H = psd(rng, N)
     for M in range(1, N):
@@ -116,7 +103,7 @@ def test_exact_matches_2_to_the_N_brute_force_and_naive():
 
 @pytest.mark.parametrize("chunk_elems", [1, 3, 17, 64])
 def test_exact_with_tiny_chunks(chunk_elems, monkeypatch):
-    monkeypatch.setattr(solvers, "_MARGIN", 0)
+    monkeypatch.setattr(solvers, "MARGIN", 0)
     rng = np.random.default_rng(100 + chunk_elems)
     N = 11
     H = psd(rng, N)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cbo_utils import solvers
-from cbo_utils.ising import BlockRemovalProblem
-from cbo_utils.solvers import exact_lowest
+from cbo_utils.problem.ising import BlockRemovalProblem
+from cbo_utils.solvers import exact as solvers
+from cbo_utils.solvers.exact import exact_lowest
 
 
 def _fisher(N: int, seed: int, samples: int = 256) -> np.ndarray:

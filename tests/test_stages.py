@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pandas as pd
 
-from cbo_utils.hessian import load_gradients
-from cbo_utils.stages import build_ising, estimate_hessian, load_ising, sample_states, states_summary
+from cbo_utils.experiments.stages import build_ising, estimate_hessian, load_ising, sample_states, states_summary
+from cbo_utils.gradients import load_gradients
 
 
 def test_gradients_ising_states_chain(tmp_path):

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from cbo_utils.blocks import Gates
 from cbo_utils.calibration import embedded
-from cbo_utils.hessian import collect_gate_gradients, sample_loss
-from cbo_utils.tiny import build_tiny
+from cbo_utils.gradients import collect_gate_gradients, sample_loss
+from cbo_utils.model.blocks import Gates
+from cbo_utils.model.tiny import build_tiny
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import varied_calibration
 
-from cbo_utils.blocks import remove_blocks
-from cbo_utils.hessian import collect_gate_gradients, sample_loss
-from cbo_utils.results import add_evaluations, add_selections, measure_checkpoint
-from cbo_utils.solvers import states_blocks
-from cbo_utils.tiny import build_tiny
-from cbo_utils.variants import (
+from cbo_utils.core.tables import add_evaluations, add_selections
+from cbo_utils.evaluate.efficiency import measure_checkpoint
+from cbo_utils.gradients import collect_gate_gradients, sample_loss
+from cbo_utils.model.blocks import remove_blocks
+from cbo_utils.model.tiny import build_tiny
+from cbo_utils.select.cbo import (
     calibration_scores,
     cbo_states,
     iterative_cbo,
@@ -21,6 +21,7 @@ from cbo_utils.variants import (
     rerank_states,
     spearman,
 )
+from cbo_utils.solvers.states import states_blocks
 
 
 @pytest.fixture(scope="module")

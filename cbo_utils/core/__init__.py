@@ -1,0 +1,1 @@
+"""Artifacts, tables, profiles and the package's import graph: what every other layer builds on."""

@@ -1,0 +1,67 @@
+"""Profiles (``tiny``, ``mini``, ``paper``: YAML files shipped inside the package, ``cbo_utils/configs/``), the
+overrides the notebooks pass, the per-model M values, file-name slugs, settings validation, and where results go.
+
+A profile is named (one of :func:`profile_names`) or given as a path to a YAML file of the same shape.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import yaml
+
+CONFIGS = importlib.resources.files("cbo_utils") / "configs"
+
+
+def profile_names() -> list[str]:
+    return sorted(p.name[:-5] for p in CONFIGS.iterdir() if p.name.endswith(".yaml"))
+
+
+def profile_path(name_or_path: str) -> Path:
+    """The YAML file of a profile: a path as given, or the packaged ``configs/<name>.yaml``."""
+    p = Path(name_or_path)
+    if p.suffix:
+        return p
+    return Path(str(CONFIGS / f"{name_or_path}.yaml"))
+
+
+def load_profile(name_or_path: str) -> dict:
+    p = profile_path(name_or_path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no profile {name_or_path!r} ({p}); choose one of {', '.join(profile_names())} "
+                                "or give the path of a YAML file")
+    return yaml.safe_load(p.read_text())
+
+
+def profile_with(profile: str, section: str, override=None) -> dict:
+    """The profile, with its ``section`` (``compare``, ``retrain``, ``hybrid``) replaced by ``override`` when given
+    (how the notebooks pass their parameter to a stage)."""
+    cfg = load_profile(profile)
+    return cfg if override is None else {**cfg, section: dict(override)}
+
+
+def slug(model: str) -> str:
+    """A model name as one path component (``org/name`` → ``org__name``)."""
+    return model.replace("/", "__")
+
+
+def m_values(cfg: dict, model: str) -> list[int]:
+    """The profile's M values for ``model`` (``M_values`` is a list, or a mapping model → list)."""
+    mv = cfg["M_values"]
+    return list(mv[model] if isinstance(mv, dict) else mv)
+
+
+def results_dir(cfg: Mapping, results=None) -> Path:
+    """Where a stage writes: ``results`` when given, else ``./results/<profile>`` under the current directory."""
+    return Path(results) if results else Path.cwd() / "results" / str(cfg.get("profile", "custom"))
+
+
+def check_keys(section: str, given: Mapping, allowed: Iterable[str]) -> None:
+    """Refuse unknown keys of a settings section, naming the allowed ones (one rule for every section)."""
+    allowed = list(allowed)
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {section} setting(s) {unknown}; allowed: {sorted(allowed)}")
+

@@ -1,0 +1,1 @@
+"""Measurements of a (pruned) model: perplexity, lm-eval, reasoning, efficiency."""

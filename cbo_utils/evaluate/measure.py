@@ -1,0 +1,79 @@
+"""The one way a selection is measured (before and after retraining): the model to evaluate for a selection row
+(SWM: its merged copy), what is still missing from ``evaluations.csv``, and held-out perplexity + lm-eval tasks
+appended to it. Rows already in the table are not measured again, so an interrupted run resumes."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from cbo_utils.calibration import heldout_text
+from cbo_utils.core.artifacts import parse_blocks
+from cbo_utils.core.tables import add_evaluations, key_text
+from cbo_utils.evaluate.lmeval import evaluate_tasks, lm_eval_version, task_split
+from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
+from cbo_utils.select.selection import Selection
+from cbo_utils.select.swm import build_swm_model
+
+
+# ------------------------------------------------------------------------------------------------- running
+def done_rows(table: Path, **key) -> pd.DataFrame:
+    """The rows of ``table`` matching ``key`` (compared as upsert keys are: 4.0 == 4, missing == '')."""
+
+    if not table.is_file():
+        return pd.DataFrame()
+    df = pd.read_csv(table)
+    for k, v in key.items():
+        if k not in df.columns:
+            return df.iloc[0:0]
+        df = df[df[k].map(key_text) == key_text(v)]
+    return df
+
+
+def evaluation_model(model, row):
+    """The model to evaluate for a selection row and the gated removal to apply (SWM: its merged copy)."""
+    if row["method"] == "sliding_window_merging":
+
+        detail = json.loads(row["detail"]) if isinstance(row.get("detail"), str) and row["detail"] else {}
+        windows = detail.get("windows")
+        windows = json.loads(windows) if isinstance(windows, str) else windows
+        sel = Selection("sliding_window_merging", int(row["M"]), parse_blocks(row["removed_blocks"]),
+                        meta={"windows": windows})
+        return build_swm_model(model, sel), None
+    return model, parse_blocks(row["removed_blocks"])
+
+
+def missing_measurements(results: Path, key: dict, s: dict, retrained: bool) -> tuple[bool, list[str]]:
+    """What is still to measure for a selection: (held-out perplexity?, the lm-eval tasks not yet in the table)."""
+
+    done = done_rows(results / "evaluations.csv", **key, retrained=retrained)
+    have = {(t, key_text(lim)) for t, lim in zip(done.get("task", []), done.get("limit", []))}
+    return ("heldout_ppl", "") not in have, [t for t in s["tasks"] if (t, key_text(s["limit"])) not in have]
+
+
+def measure_selection(model, tok, key: dict, removed_blocks: str, removed, s: dict, results: Path, retrained: bool,
+             need_ppl: bool, todo: Sequence[str], windows=None) -> None:
+    """Held-out perplexity and the lm-eval ``todo`` tasks of one selection (gated with ``removed`` when given),
+    appended to ``evaluations.csv`` — the one way every selection is measured, before and after retraining."""
+
+    common = {**key, "retrained": retrained, "removed_blocks": removed_blocks}
+    if need_ppl:
+        if windows is None:
+            windows = perplexity_windows(tok, heldout_text(), seq_len=s["ppl_seq_len"], windows=s["ppl_windows"])
+        t0 = time.perf_counter()
+        p = perplexity(model, windows, removed=removed or None)
+        add_evaluations(results, [{**common, "task": "heldout_ppl", "metric": "perplexity", "value": p["perplexity"],
+                                   "stderr": None, "n": p["tokens"], "limit": None, "lm_eval_version": None,
+                                   "split": "boolq passages", "seconds": round(time.perf_counter() - t0, 2)}])
+    if todo:
+        t0 = time.perf_counter()
+        res = evaluate_tasks(model, tok, list(todo), limit=s["limit"], removed=removed or None,
+                             source=s["task_source"])
+        secs = round(time.perf_counter() - t0, 2)
+        add_evaluations(results, [{**common, **r, "limit": s["limit"], "lm_eval_version": lm_eval_version(),
+                                   "split": r.get("split") or task_split(r["task"], s["task_source"]),
+                                   "seconds": secs} for r in res if r["task"] in todo])

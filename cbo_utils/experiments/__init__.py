@@ -1,0 +1,1 @@
+"""The stages and experiments that the notebooks and make targets run."""

@@ -1,0 +1,409 @@
+"""The comparison harness: every method on the same calibration data, measured the same way.
+
+``python -m cbo_utils.experiments.compare --profile mini`` (``make compare``) runs, for every model and M of the profile's
+``compare:`` section:
+
+1. **select** — every baseline (:mod:`cbo_utils.select.baselines`) and every CBO variant (:data:`CBO_VARIANTS`) picks M
+   blocks from the *same* calibration windows. CBO's gate gradients are collected once per kind (cached as
+   ``gradients.safetensors`` + sidecar under ``results/<profile>/<model>/compare/``); variants that re-rank use the
+   last ``rerank_samples`` calibration windows as their held-out part and take gradients on the others, so every
+   method sees the same tokens. Each selection is a row of ``selections.csv`` with its wall-clock cost (CBO: its
+   gradients + solve + re-ranking; a gradient collection shared by several variants is charged in full to each).
+2. **evaluate** — held-out perplexity (BoolQ Wikipedia passages, never calibration data) and the zero-shot tasks
+   through lm-evaluation-harness with a fixed item limit (the same first items for every method), on the gated
+   model (α = 0 on the removed blocks, equal to physical removal; SWM on its merged model). Rows of
+   ``evaluations.csv``; a measurement already in the table is not repeated, so an interrupted run resumes.
+3. **correlate** — for each M and energy variant: the ``lowest`` lowest-energy states and ``random`` random
+   feasible states, their held-out perplexity, Spearman ρ(energy, perplexity) → ``correlations.csv``.
+4. **efficiency** — the default CBO selection of every M exported with ``save_pretrained`` (a folder plain
+   ``from_pretrained`` opens) and measured against the dense model: parameters, peak memory, tokens/s.
+5. **report** — ``comparison.md``: method × M × metric, and the cost and correlation tables.
+
+Nothing is tuned on evaluation data: every CBO variant's rule (which energy, which K, which objective) is fixed in
+the profile before any evaluation runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cbo_utils.calibration import heldout_text, load_calibration
+from cbo_utils.core.artifacts import atomic_write_text, format_blocks, parse_blocks, read_json, write_json
+from cbo_utils.core.profiles import m_values, profile_with, results_dir, slug
+from cbo_utils.core.tables import add_evaluations, add_selections, markdown_table, upsert_rows
+from cbo_utils.evaluate.efficiency import measure_checkpoint
+from cbo_utils.evaluate.lmeval import ZERO_SHOT_METRIC, evaluate_tasks, zero_shot_mean
+from cbo_utils.evaluate.measure import done_rows, evaluation_model, measure_selection, missing_measurements
+from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
+from cbo_utils.gradients import load_gradients
+from cbo_utils.model.load import load_model
+from cbo_utils.problem.energies import energy_gradient
+from cbo_utils.problem.ising import energies, quadratic_form
+from cbo_utils.prune.export import export_pruned
+from cbo_utils.select.cbo import (
+    CBO_VARIANTS,
+    DEFAULT_VARIANT,
+    get_variant,
+    random_feasible_sets,
+    select_cbo_variant,
+    spearman,
+)
+from cbo_utils.select.methods import run_method
+from cbo_utils.solvers.states import read_states_csv, write_states_csv
+
+# ------------------------------------------------------------------------------------------------ settings
+DEFAULTS: dict[str, Any] = {
+    "samples": 32, "max_tokens": 256, "rerank_samples": 8, "batch_size": 8,
+    "ppl_windows": 16, "ppl_seq_len": 256,
+    "tasks": ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande"], "limit": 100, "task_source": "offline",
+    "baselines": ["block_influence", "block_influence_iterative", "norm_ratio", "angular_distance", "tail",
+                  "one_shot_perplexity", "taylor_plus", "sleb", "sliding_window_merging"],
+    "random_seeds": [0, 1, 2],
+    "variants": list(CBO_VARIANTS), "default": DEFAULT_VARIANT, "exact_hessian_samples": 0,
+    "points_per_sample": 2,
+    "spearman": {"lowest": 30, "random": 20, "variants": ["cbo-paper", "cbo-taylor", "cbo-sd"], "ppl_windows": 8},
+    "zero_shot_methods": "all",
+    "threads": None, "models": None, "M_values": None,
+}
+
+
+def compare_settings(cfg: dict) -> dict:
+    """The profile's ``compare:`` section over :data:`DEFAULTS`, validated."""
+    s = {**DEFAULTS, **(cfg.get("compare") or {})}
+    s["spearman"] = {**DEFAULTS["spearman"], **(s.get("spearman") or {})}
+    unknown = [v for v in s["variants"] if v not in CBO_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown CBO variants {unknown} in the profile; choose from {sorted(CBO_VARIANTS)}")
+    if s["default"] not in s["variants"]:
+        raise ValueError(f"the default variant {s['default']!r} must be one of the profile's variants")
+    if not 0 < s["rerank_samples"] < s["samples"]:
+        raise ValueError("rerank_samples must be between 1 and samples − 1 (the held-out part of the calibration)")
+    return s
+
+
+def _select_baseline(model, calib, name: str, M: int, s: dict, seed: int | None = None) -> dict:
+
+    kw: dict[str, Any] = {"seed": seed} if name == "random" else {}
+    if name not in ("random", "tail"):
+        kw["batch_size"] = s["batch_size"]
+    sel = run_method(name, model, calib, M, **kw)
+    return {"removed": sel.removed, "energy": None, "selection_seconds": sel.seconds, "selection": sel,
+            "relative": " ".join(map(str, sel.relative)) if sel.relative else "",
+            "detail": json.dumps({k: v for k, v in sel.meta.items() if k in ("prefix_cache", "threshold",
+                                                                             "block_calls", "windows")},
+                                 default=str)}
+
+
+def run_compare(profile: str, results: Path | None = None, models: Sequence[str] | None = None,
+                M_values: Sequence[int] | None = None, stages: Sequence[str] = ("select", "evaluate", "correlate",
+                                                                                  "efficiency", "report"),
+                progress: bool = True, compare: dict | None = None) -> Path:
+    """Run the comparison for ``profile`` into ``results/<profile>/``; returns the report path. ``compare``: the
+    profile's ``compare:`` section to use instead of the file's (the notebooks pass their parameter)."""
+    import torch
+
+
+    cfg = profile_with(profile, "compare", compare)
+    s = compare_settings(cfg)
+    if s["threads"]:
+        torch.set_num_threads(int(s["threads"]))
+    results = results_dir(cfg, results)
+    results.mkdir(parents=True, exist_ok=True)
+    seed = int(cfg.get("seed", 0))
+    for model_name in models or s.get("models") or cfg["models"]:
+        out = results / slug(model_name) / "compare"
+        out.mkdir(parents=True, exist_ok=True)
+        model, tok = load_model(model_name, dtype=cfg["dtype"], device_map=cfg.get("device_map"))
+        model.eval()
+        calib = load_calibration(cfg["calibration"], tok, samples=s["samples"], max_tokens=s["max_tokens"])
+        n_fit = s["samples"] - s["rerank_samples"]
+        fit = type(calib)(calib.samples[:n_fit], {**calib.recipe, "part": f"windows 0..{n_fit - 1} (gradients)"})
+        heldout = type(calib)(calib.samples[n_fit:], {**calib.recipe,
+                                                      "part": f"windows {n_fit}..{len(calib) - 1} (re-ranking)"})
+        Ms = list(M_values or s.get("M_values") or m_values(cfg, model_name))
+        base = {"model": model_name, "calibration_tokens": calib.tokens, "calibration_sha256": calib.sha256}
+        if "select" in stages:
+            for M in Ms:
+                _run_selections(model, calib, fit, heldout, out, M, s, seed, base, results, progress)
+        sels = done_rows(results / "selections.csv", model=model_name)
+        if "evaluate" in stages:
+            _run_evaluations(model, tok, sels[sels["M"].isin(Ms)], s, results, model_name, progress)
+        if "correlate" in stages:
+            _run_correlations(model, tok, out, Ms, s, results, model_name, progress)
+        if "efficiency" in stages:
+            _run_efficiency(model, tok, sels[sels["M"].isin(Ms)], s, results, out, model_name)
+        del model
+    path = results / "comparison.md"
+    if "report" in stages:
+        path = write_report(results, cfg["profile"], s)
+    return path
+
+
+def _run_selections(model, calib, fit, heldout, out, M, s, seed, base, results, progress) -> None:
+
+    table = results / "selections.csv"
+    jobs: list[tuple[str, Any]] = [(b, None) for b in s["baselines"]]
+    jobs += [("random", sd) for sd in s["random_seeds"]]
+    jobs += [(v, "cbo") for v in s["variants"]]
+    for name, arg in jobs:
+        seed_col = arg if name == "random" else seed
+        prev = done_rows(table, model=base["model"], method=name, M=M, seed=seed_col)
+        if len(prev) and str(prev.iloc[0].get("calibration_sha256")) == base["calibration_sha256"]:
+            continue
+        if arg == "cbo":
+            v = get_variant(name)
+            if v.hessian == "exact" and not s["exact_hessian_samples"]:
+                print(f"  [{base['model']}] M={M} {name}: skipped (compare.exact_hessian_samples is 0)")
+                continue
+            sel = select_cbo_variant(model, calib, heldout, fit, out, v, M, s, seed)
+            r = {"removed": sel.removed, "energy": sel.energy, "selection_seconds": sel.seconds, **sel.meta,
+                 "states": sel.states}
+            if r.get("states") is not None:
+                write_states_csv(r["states"], out / f"states_{name}_M{M}.csv")
+            tokens = calib.tokens
+        else:
+            try:
+                r = _select_baseline(model, calib, name, M, s, arg)
+            except ValueError as exc:  # a method that does not apply to this model/M (e.g. Taylor+ on 6 blocks)
+                _note_skipped(results, base["model"], name, M, str(exc))
+                print(f"  [{base['model']}] M={M} {name}: not applicable — {exc}")
+                continue
+            tokens = calib.tokens if name not in ("random", "tail") else 0
+        row = {**base, "method": name, "M": M, "removed_blocks": format_blocks(r["removed"]),
+               "energy": r.get("energy"), "selection_seconds": round(float(r["selection_seconds"]), 3),
+               "calibration_tokens": tokens, "seed": seed_col, "relative_blocks": r.get("relative", ""),
+               "gradient_seconds": r.get("gradient_seconds"), "solve_seconds": r.get("solve_seconds"),
+               "rerank_seconds": r.get("rerank_seconds"), "gradients_file": r.get("gradients_file", ""),
+               "detail": r.get("detail", "")}
+        add_selections(results, [row])
+        if progress:
+            print(f"  [{base['model']}] select M={M} {name:28s} {row['removed_blocks']:40s} "
+                  f"{row['selection_seconds']:8.1f} s",
+                  flush=True)
+
+
+def _note_skipped(results: Path, model: str, method: str, M: int, reason: str) -> None:
+    path = results / "skipped.json"
+    notes = read_json(path) if path.is_file() else []
+    notes = [n for n in notes if (n["model"], n["method"], n["M"]) != (model, method, M)]
+    write_json(path, notes + [{"model": model, "method": method, "M": M, "reason": reason}])
+
+
+def _state_label(row) -> str:
+    return f"seed{int(row['seed'])}" if row["method"] == "random" else "selected"
+
+
+def _run_evaluations(model, tok, sels: pd.DataFrame, s: dict, results: Path, model_name: str, progress) -> None:
+
+    windows = perplexity_windows(tok, heldout_text(), seq_len=s["ppl_seq_len"], windows=s["ppl_windows"])
+    rows = [{"method": "dense", "M": 0, "removed_blocks": "", "seed": 0}] + sels.to_dict("records")
+    for row in rows:
+        label = "selected" if row["method"] == "dense" else _state_label(row)
+        key = {"model": model_name, "method": row["method"], "M": int(row["M"]), "state": label}
+        need_ppl, todo = missing_measurements(results, key, s, retrained=False)
+        zs = s["zero_shot_methods"]
+        if zs != "all" and row["method"] not in set(zs) | {"dense"}:
+            todo = []
+        if not need_ppl and not todo:
+            continue  # resuming: nothing left to measure (and no SWM copy to build)
+        m, removed = evaluation_model(model, row) if row["method"] != "dense" else (model, None)
+        measure_selection(m, tok, key, row.get("removed_blocks", ""), removed, s, results, False, need_ppl, todo, windows)
+        if progress:
+            print(f"  [{model_name}] evaluated {row['method']} M={row['M']} {label}", flush=True)
+        del m
+
+
+def _run_correlations(model, tok, out: Path, Ms, s, results: Path, model_name: str, progress) -> None:
+    """Spearman ρ(energy, log held-out perplexity) per M and energy variant over the variant's ``lowest`` states and
+    ``random`` random feasible states (the same random states for every variant of one M). Perplexities are cached
+    per state in ``state_perplexities.csv`` (a state shared by two variants is measured once)."""
+
+    sp = s["spearman"]
+    windows = perplexity_windows(tok, heldout_text(), seq_len=s["ppl_seq_len"], windows=sp["ppl_windows"])
+    ppl_table = results / "state_perplexities.csv"
+    ppl_cols = ["model", "M", "removed_blocks", "perplexity", "windows", "seq_len"]
+    ppl_key = ["model", "M", "removed_blocks"]
+    corr_rows, energy_rows = [], []
+    zs = sp.get("zero_shot")  # None, or {tasks: [...], limit: n, M: [..]}: also the zero-shot mean of every state
+    for M in Ms:
+        zs_M = bool(zs) and (not zs.get("M") or M in zs["M"])  # zero-shot per state at this M?
+        done = done_rows(ppl_table, model=model_name, M=M)
+        have = {r["removed_blocks"]: r for r in done.to_dict("records")}
+        for name in sp["variants"]:
+            f = out / f"states_{name}_M{M}.csv"
+            sel = done_rows(results / "selections.csv", model=model_name, method=name, M=M)
+            if not f.is_file() or not len(sel):
+                continue
+            v = get_variant(name)
+            states = read_states_csv(f).head(sp["lowest"])
+            grads = load_gradients(out / sel["gradients_file"].iloc[0])
+            rand = random_feasible_sets(grads.N, M, sp["random"], seed=1000 + M)
+            X = np.zeros((len(rand), grads.N))
+            for j, r in enumerate(rand):
+                X[j, r] = 1
+            Q, const = quadratic_form(grads.H.numpy(), energy_gradient(v.energy, grads.g.numpy()), v.energy)
+            cand = [("lowest", int(r["rank"]), r["removed_blocks"], float(r["energy"])) for _, r in states.iterrows()]
+            cand += [("random", j, format_blocks(r), float(e)) for j, (r, e) in enumerate(zip(rand, energies(Q, X,
+                                                                                                            const)))]
+            new = []
+            for _kind, _rank, blocks, _e in cand:
+                rec = have.get(blocks)
+                need_zs = zs_M and (rec is None or pd.isna(rec.get("zero_shot_mean", np.nan)))
+                if rec is not None and not need_zs:
+                    continue
+                if rec is None:
+                    ppl = perplexity(model, windows, removed=parse_blocks(blocks))["perplexity"]
+                    rec = {"model": model_name, "M": M, "removed_blocks": blocks, "windows": sp["ppl_windows"],
+                           "seq_len": s["ppl_seq_len"], "perplexity": ppl}
+                rec = dict(rec)
+                if need_zs:
+                    rows = evaluate_tasks(model, tok, zs["tasks"], limit=zs.get("limit"), removed=parse_blocks(blocks),
+                                          source=s["task_source"])
+                    rec.update(zero_shot_mean=zero_shot_mean(rows, zs["tasks"]), zero_shot_limit=zs.get("limit"),
+                               zero_shot_tasks=" ".join(zs["tasks"]))
+                have[blocks] = rec
+                new.append(rec)
+                if len(new) >= 10:  # keep what was measured if the run is interrupted
+                    upsert_rows(ppl_table, new, ppl_cols, ppl_key)
+                    new = []
+            if new:
+                upsert_rows(ppl_table, new, ppl_cols, ppl_key)
+            energy_rows += [{"model": model_name, "variant": name, "M": M, "kind": k, "rank": r, "removed_blocks": b,
+                             "energy": e, "perplexity": have[b]["perplexity"],
+                             "zero_shot_mean": have[b].get("zero_shot_mean")} for k, r, b, e in cand]
+            es = np.array([c[3] for c in cand])
+            lp = np.log(np.array([float(have[c[2]]["perplexity"]) for c in cand]))
+            nl = len(states)
+            row = {"model": model_name, "variant": name, "M": M, "states": len(cand), "lowest": nl,
+                   "random": len(cand) - nl, "spearman_all": spearman(es, lp),
+                   "spearman_lowest": spearman(es[:nl], lp[:nl]) if nl > 2 else float("nan"),
+                   "spearman_random": spearman(es[nl:], lp[nl:]) if len(cand) - nl > 2 else float("nan")}
+            if zs_M:  # higher accuracy is better: a good energy has a NEGATIVE ρ with accuracy
+                acc = np.array([float(have[c[2]]["zero_shot_mean"]) for c in cand])
+                row["spearman_zero_shot"] = spearman(es, acc)
+            corr_rows.append(row)
+            if progress:
+                print(f"  [{model_name}] M={M} {name}: Spearman ρ(energy, log ppl) = "
+                      f"{row['spearman_all']:.3f} over {len(cand)} states", flush=True)
+    if energy_rows:
+        upsert_rows(results / "state_energies.csv", energy_rows, list(energy_rows[0]),
+                    ["model", "variant", "M", "kind", "removed_blocks"])
+    if corr_rows:
+        upsert_rows(results / "correlations.csv", corr_rows, list(corr_rows[0]), ["model", "variant", "M"])
+
+
+def _run_efficiency(model, tok, sels: pd.DataFrame, s, results: Path, out: Path, model_name: str) -> None:
+    import copy
+
+
+    table = results / "evaluations.csv"
+    dense_dir = out / "dense"
+    todo = [("dense", 0, None, dense_dir)]
+    for _, r in sels[sels["method"] == s["default"]].iterrows():
+        todo.append((s["default"], int(r["M"]), parse_blocks(r["removed_blocks"]), out / f"pruned_M{int(r['M'])}"))
+    for method, M, removed, folder in todo:
+        if len(done_rows(table, model=model_name, method=method, M=M, state="selected", task="efficiency")):
+            continue
+        if removed is None:
+            if not (folder / "config.json").is_file():
+                model.save_pretrained(folder)
+                tok.save_pretrained(folder)
+        else:
+            export_pruned(copy.deepcopy(model), tok, removed, folder, method=method, source=model_name,
+                          overwrite=True)
+        m = measure_checkpoint(folder, threads=s["threads"])
+        add_evaluations(results, [{"model": model_name, "method": method, "M": M, "state": "selected",
+                                   "task": "efficiency", "metric": k, "value": m[k], "stderr": None, "n": None,
+                                   "limit": None, "retrained": False, "lm_eval_version": None,
+                                   "removed_blocks": format_blocks(removed or []),
+                                   "detail": f"prompt {m['prompt_len']}, generate {m['gen_len']}, "
+                                             f"{m['threads']} threads, CPU float32"}
+                                  for k in ("parameters", "peak_rss_gb", "prefill_tokens_per_s",
+                                            "generate_tokens_per_s")])
+
+
+# -------------------------------------------------------------------------------------------------- report
+def comparison_table(results: Path, metric_tasks: Sequence[str]) -> pd.DataFrame:
+    """Method × M: held-out perplexity, each task's accuracy (acc_norm for hellaswag/arc_challenge), the zero-shot
+    mean, selection seconds. Random seeds are averaged (``random (mean of n)``)."""
+
+    ev = pd.read_csv(results / "evaluations.csv")
+    ev = ev[~ev["retrained"].astype(str).str.lower().eq("true")]
+    sel = pd.read_csv(results / "selections.csv") if (results / "selections.csv").is_file() else pd.DataFrame()
+    recs = []
+    for (model, method, M), grp in ev.groupby(["model", "method", "M"]):
+        rec: dict[str, Any] = {"model": model, "method": method, "M": int(M)}
+        ppl = grp[(grp["task"] == "heldout_ppl")]["value"]
+        rec["heldout_ppl"] = float(np.exp(np.log(ppl.astype(float)).mean())) if len(ppl) else np.nan
+        accs = []
+        for t in metric_tasks:
+            mt = ZERO_SHOT_METRIC.get(t, "acc")
+            v = grp[(grp["task"] == t) & (grp["metric"] == mt)]["value"].astype(float)
+            rec[f"{t}/{mt}"] = float(v.mean()) if len(v) else np.nan
+            accs.append(rec[f"{t}/{mt}"])
+        rec["zero_shot_mean"] = float(np.mean(accs)) if accs and not np.isnan(accs).any() else np.nan
+        if len(sel):
+            ss = sel[(sel["model"] == model) & (sel["method"] == method) & (sel["M"] == M)]
+            rec["removed_blocks"] = ss["removed_blocks"].iloc[0] if len(ss) == 1 else (
+                f"{len(ss)} seeds" if len(ss) else "")
+            rec["selection_seconds"] = float(ss["selection_seconds"].mean()) if len(ss) else np.nan
+        recs.append(rec)
+    return pd.DataFrame(recs).sort_values(["model", "M", "heldout_ppl"]).reset_index(drop=True)
+
+
+def write_report(results: Path, profile: str, s: dict) -> Path:
+
+    lines = [f"# Comparison — profile `{profile}`", "",
+             f"Generated by `python -m cbo_utils.experiments.compare --profile {profile}` from `evaluations.csv` and "
+             "`selections.csv`. No retraining. Held-out perplexity: BoolQ Wikipedia passages, "
+             f"{s['ppl_windows']} × {s['ppl_seq_len']} tokens. Zero-shot: lm-eval ({s['task_source']} tasks), first "
+             f"{s['limit']} items of each task, acc_norm for hellaswag/arc_challenge, acc otherwise. Calibration: "
+             f"{s['samples']} windows × {s['max_tokens']} tokens for every method (CBO re-ranking variants take "
+             f"gradients on the first {s['samples'] - s['rerank_samples']} and re-rank on the last "
+             f"{s['rerank_samples']}). Default CBO variant: `{s['default']}`.", ""]
+    if (results / "evaluations.csv").is_file():
+        tab = comparison_table(results, s["tasks"])
+        for (model, M), grp in tab.groupby(["model", "M"]):
+            lines += [f"## {model}, M = {M}", "", markdown_table(grp.drop(columns=["model", "M"])), ""]
+    if (results / "evaluations.csv").is_file():
+        ev = pd.read_csv(results / "evaluations.csv")
+        eff = ev[ev["task"] == "efficiency"]
+        if len(eff):
+            piv = eff.pivot_table(index=["model", "method", "M"], columns="metric", values="value",
+                                  aggfunc="first").reset_index()
+            lines += ["## Efficiency of the exported models (fresh process, CPU float32, prompt 128, generate 32)", "",
+                      markdown_table(piv), ""]
+    if (results / "skipped.json").is_file():
+        lines += ["## Not applicable", ""] + [f"- {n['model']}, M = {n['M']}, {n['method']}: {n['reason']}"
+                                              for n in read_json(results / "skipped.json")] + [""]
+    if (results / "correlations.csv").is_file():
+        lines += ["## Energy vs held-out perplexity (Spearman ρ)", "",
+                  markdown_table(pd.read_csv(results / "correlations.csv")), ""]
+    return atomic_write_text(results / "comparison.md", "\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default="mini")
+    ap.add_argument("--results", default=None)
+    ap.add_argument("--models", nargs="*", default=None)
+    ap.add_argument("--M", nargs="*", type=int, default=None)
+    ap.add_argument("--stages", nargs="*", default=["select", "evaluate", "correlate", "efficiency", "report"])
+    args = ap.parse_args(argv)
+    path = run_compare(args.profile, Path(args.results) if args.results else None, args.models, args.M, args.stages)
+    print(f"report: {path}")
+    return 0
+
+
+__all__ = ["comparison_table", "compare_settings", "run_compare", "write_report"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""From a selection to files: export and verification, checkpoint-file pruning, distillation."""

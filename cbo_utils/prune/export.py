@@ -1,0 +1,168 @@
+"""Exporting pruned models as standard ``save_pretrained`` folders, and verifying every export.
+
+An export folder holds what ``from_pretrained`` needs (config, safetensors weights, tokenizer) plus
+``removed_blocks.json`` (0-based indices of the original model, method, energy, provenance), a short model card
+(``README.md``) and, after :func:`verify_export`, ``verification.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cbo_utils.core.artifacts import atomic_folder, atomic_write_text, provenance, read_json, write_json
+from cbo_utils.model.blocks import Gates, block_types, check_removal, get_adapter, num_blocks, remove_blocks
+from cbo_utils.model.load import model_device
+
+
+class VerificationError(AssertionError):
+    """An exported model failed a check of :func:`verify_export` (the message lists which)."""
+
+
+def export_pruned(model, tokenizer, remove, out_dir, *, method: str = "manual", energy: float | None = None,
+                  source: str | None = None, extra: dict | None = None, overwrite: bool = False) -> Path:
+    """Remove ``remove`` from ``model`` (in place) and save a standard checkpoint folder at ``out_dir``.
+
+    The folder is written under a temporary name and renamed at the end, so an interrupted export never leaves a
+    half-written model behind. Returns the folder.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; choose another --out or pass overwrite=True (--overwrite)")
+    adapter = get_adapter(model)
+    n_orig = num_blocks(model)
+    types_before = block_types(model)
+    remove = check_removal(model, remove)
+    remove_blocks(model, remove)
+    kept = [i for i in range(n_orig) if i not in set(remove)]
+    with atomic_folder(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        extras = adapter.config_json_extras(model.config)
+        if extras:  # fields other tools read from config.json (e.g. vLLM: hybrid_override_pattern)
+            cfg = read_json(tmp / "config.json")
+            cfg.update(extras)
+            write_json(tmp / "config.json", cfg)
+        record = {
+            "removed_blocks": remove, "kept_blocks": kept, "index_base": 0, "num_blocks_original": n_orig,
+            "num_blocks_pruned": len(kept), "removed_block_types": [types_before[i] for i in remove],
+            "method": method, "energy": energy, "source_model": source,
+            "parameters_pruned": sum(p.numel() for p in model.parameters()),
+            "provenance": provenance("pruned_model", {"remove": remove, "method": method}, **(extra or {})),
+        }
+        write_json(tmp / "removed_blocks.json", record)
+        atomic_write_text(tmp / "README.md", model_card(record, type(model).__name__))
+    return out_dir
+
+
+def model_card(rec: dict[str, Any], cls: str) -> str:
+    energy = "" if rec["energy"] is None else f"\n- Energy of the removal set: `{rec['energy']:.6g}`"
+    return f"""---
+tags: [block-removal, pruning, cbo]
+---
+# Pruned model: {rec['num_blocks_pruned']} of {rec['num_blocks_original']} blocks kept
+
+Made with `cbo_utils` (block removal by constrained binary optimisation, arXiv 2602.00161).
+
+- Source model: `{rec['source_model']}` ({cls})
+- Removed blocks (0-based indices of the source model): `{' '.join(map(str, rec['removed_blocks']))}`
+- Removed block types: {', '.join(rec['removed_block_types'])}
+- Selection method: `{rec['method']}`{energy}
+- Parameters after removal: {rec['parameters_pruned']:,}
+
+Load it with plain `AutoModelForCausalLM.from_pretrained(folder)`; `removed_blocks.json` has the full record and
+`verification.json` (when present) the result of `cbo verify`. No retraining was applied unless stated elsewhere.
+"""
+
+
+@torch.no_grad()
+def verify_export(out_dir, original_model, tokenizer=None, *, prompts: list[str] | None = None,
+                  max_new_tokens: int = 12, atol: float = 1e-4, write: bool = True, raise_on_fail: bool = True
+                  ) -> dict[str, Any]:
+    """Check an exported pruned model against the original.
+
+    1. reload with ``output_loading_info=True``: no missing, unexpected or mismatched keys;
+    2. config depth and every ``layer_idx`` consistent (0..N−M−1);
+    3. logits equal to the original model with α = 0 on the removed blocks (max |Δ| ≤ ``atol``);
+    4. greedy generation with the cache equals generation without it.
+
+    Run in float32 (the original's dtype is used as it is; bf16 cached/uncached generation drifts). Writes
+    ``verification.json`` into the folder and raises :class:`VerificationError` when a check fails.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    rec = read_json(out_dir / "removed_blocks.json")
+    removed = rec["removed_blocks"]
+    sharded = bool(getattr(original_model, "hf_device_map", None))  # a big model: shard the reload the same way
+    pruned, info = AutoModelForCausalLM.from_pretrained(out_dir, output_loading_info=True,
+                                                        dtype=next(original_model.parameters()).dtype,
+                                                        **({"device_map": "auto"} if sharded else {}))
+    pruned.eval()
+    tok = tokenizer or AutoTokenizer.from_pretrained(out_dir)
+    report: dict[str, Any] = {"folder": str(out_dir), "removed_blocks": removed, "checks": {}}
+    checks = report["checks"]
+    load_problems = {k: list(v) for k, v in info.items() if v}
+    checks["reload_keys"] = {"ok": not load_problems, "problems": load_problems}
+
+    n_expected = rec["num_blocks_original"] - len(removed)
+    adapter = get_adapter(pruned)
+    idx = [[m.layer_idx for m in b.modules() if hasattr(m, "layer_idx")] for b in adapter.layers(pruned)]
+    idx_ok = all(all(v == i for v in vals) for i, vals in enumerate(idx))
+    depth_ok = len(adapter.layers(pruned)) == n_expected and num_blocks(pruned) == n_expected
+    cfg_json = json.loads((out_dir / "config.json").read_text())
+    cfg_depth = cfg_json.get("num_hidden_layers", len(cfg_json.get("layers_block_type", [])) or None)
+    checks["depth_and_indices"] = {"ok": idx_ok and depth_ok and cfg_depth == n_expected, "blocks": n_expected,
+                                   "config_num_hidden_layers": cfg_depth}
+
+    dev = model_device(original_model)
+    if not sharded:
+        pruned.to(dev)
+    pdev = model_device(pruned)
+    prompts = prompts or ["The capital of France is", "Water boils at a temperature of"]
+    enc = [torch.tensor([tok(p)["input_ids"]], device=dev) for p in prompts]
+    max_diff = 0.0
+    with Gates(original_model) as gates, gates.removed(removed):
+        for ids in enc:
+            ref = original_model(ids).logits.float().cpu()
+            got = pruned(ids.to(pdev)).logits.float().cpu()
+            max_diff = max(max_diff, (ref - got).abs().max().item())
+    checks["logits_vs_gated_alpha0"] = {"ok": max_diff <= atol, "max_abs_diff": max_diff, "atol": atol}
+
+    same = True
+    gen = []
+    for ids in enc:
+        ids = ids.to(pdev)
+        kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        a = pruned.generate(ids, use_cache=True, **kw)
+        b = pruned.generate(ids, use_cache=False, **kw)
+        same &= a.shape == b.shape and bool((a == b).all())
+        gen.append(tok.decode(a[0, ids.shape[1]:]))
+    checks["generation_cache_equals_no_cache"] = {"ok": same, "max_new_tokens": max_new_tokens, "samples": gen}
+    report["ok"] = all(c["ok"] for c in checks.values())
+    if write:
+        write_json(out_dir / "verification.json", report)
+    if raise_on_fail and not report["ok"]:
+        failed = [k for k, c in checks.items() if not c["ok"]]
+        raise VerificationError(f"export {out_dir} failed the checks {failed}: {json.dumps(checks, default=str)}")
+    return report
+
+
+def save_pruned(model, tokenizer, selection, out_dir, *, verify: bool = True, overwrite: bool = False,
+                source: str | None = None) -> Path:
+    """Save ``selection`` applied to ``model`` as a standard ``save_pretrained`` folder and (``verify=True``) check it
+    against ``model`` (:func:`verify_export`). ``model`` is copied, never changed. Returns the folder."""
+    if selection.meta.get("windows"):
+        raise ValueError("an SWM selection merges weights: save selection.apply(model) with save_pretrained instead")
+    pruned = copy.deepcopy(model)
+    out = export_pruned(pruned, tokenizer, selection.removed, out_dir, method=selection.method,
+                        energy=selection.energy, source=source, overwrite=overwrite)
+    del pruned
+    if verify:
+        verify_export(out, model, tokenizer)
+    return out

@@ -1,0 +1,1 @@
+"""Selection methods: baselines, SWM, the CBO variants and the method registry."""

@@ -1,0 +1,367 @@
+"""CBO selection variants, side by side (issue 3): the paper's recipe and the fixes the paper's weaknesses call for.
+
+- ``paper``: Fisher energy xᵀHx, the ground state (and the k lowest).
+- ``taylor``: with the first-order term, −gᵀx + ½xᵀHx.
+- ``exact``: the exact gate Hessian instead of the Fisher (when it was computed).
+- ``protect``: any of the above with the first and last block kept, as most peers do.
+- re-ranking (:func:`rerank_states`): measure the K lowest-energy states on *held-out calibration text* (never
+  evaluation data) — mean cross-entropy, or KL(dense ‖ pruned) — and pick the best: a rule fixed in advance.
+- iterative (:func:`iterative_cbo`): remove a few blocks, recompute A and H on the shrunken model, repeat.
+- stochastic depth (``cbo-sd`` in :mod:`cbo_utils.experiments.compare`; ``collect_gate_gradients(random_removal=(0, M))``):
+  every gradient row is taken at its own random partial removal of 0..M blocks, so H = AᵀA/m is the Fisher
+  averaged over the models met on the way to removing M blocks, not only at the dense model (α = 1). Why: at
+  α = 1 the late blocks of SmolLM2 have small gate gradients, so the paper's Fisher ranks them cheapest, yet
+  removing several of them together is catastrophic (the M = 8 ground state removes 8 of blocks 20–29 → held-out
+  perplexity > 10⁷). Once some blocks are already gone, the remaining blocks' gradients show how much the damaged
+  model relies on them — the same reason iterative methods work, at the cost of one gradient pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from cbo_utils.calibration import CalibrationSet
+from cbo_utils.core.artifacts import format_blocks, parse_blocks, read_json, sidecar_path
+from cbo_utils.gradients import GradientResult, collect_gate_gradients, load_gradients
+from cbo_utils.model.blocks import Gates
+from cbo_utils.model.load import model_device
+from cbo_utils.model.loss import calibration_nll
+from cbo_utils.problem.energies import energy_gradient, get_energy
+from cbo_utils.problem.ising import BlockRemovalProblem
+from cbo_utils.select.selection import Selection
+from cbo_utils.solvers.heuristics import EXACT_LIMIT, solve
+from cbo_utils.solvers.states import states_blocks
+
+
+def cbo_states(grads: GradientResult, M: int, k: int = 20, energy: str = "fisher", hessian: str = "fisher",
+               protect_ends: bool = False, keep: Sequence[int] = (), solver: str = "exact", seed: int = 0,
+               **solver_kw) -> pd.DataFrame:
+    """The k lowest states of one CBO energy variant (a standard states table; ``attrs['variant']`` names it)."""
+    get_energy(energy)  # refuses an unknown energy, naming the registered ones
+    H = grads.H if hessian == "fisher" else grads.H_exact
+    if H is None:
+        raise ValueError("no exact Hessian in these gradients; collect them with exact_hessian_samples > 0")
+    keep = sorted(set(keep) | ({0, grads.N - 1} if protect_ends else set()))
+    prob = BlockRemovalProblem.from_hessian(H.numpy(), M, energy_gradient(energy, g=grads.g.numpy()),
+                                            energy=energy, keep=keep, block_types=grads.meta.get("block_types"))
+    kw = {"progress": False} if solver == "exact" else {}
+    df = solve(prob, solver=solver, k=k, seed=seed, **kw, **solver_kw)
+    df.attrs["variant"] = variant_name(energy, hessian, protect_ends)
+    return df
+
+
+def variant_name(energy: str = "fisher", hessian: str = "fisher", protect_ends: bool = False) -> str:
+    name = {"fisher": "cbo-paper"}.get(energy, f"cbo-{energy}")
+    if hessian == "exact":
+        name += "-exactH"
+    return name + ("-protect" if protect_ends else "")
+
+
+@dataclass
+class RerankResult:
+    table: pd.DataFrame  # one row per state: rank (energy order), energy, removed_blocks, score, rerank_position
+    objective: str
+    seconds: float
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best(self) -> list[int]:
+        return parse_blocks(self.table.sort_values(["score", "rank"]).iloc[0]["removed_blocks"])
+
+
+@torch.no_grad()
+def _dense_logprobs(model, samples, dev) -> list[torch.Tensor]:
+    out = []
+    for s in samples:
+        logits = model(input_ids=s["input_ids"][None].to(dev)).logits[0, :-1].float()
+        out.append(F.log_softmax(logits, -1).to(torch.bfloat16))  # halves the cache; KL error ≪ differences
+    return out
+
+
+@torch.no_grad()
+def calibration_scores(model, sets: Sequence[Sequence[int]], samples: CalibrationSet | Sequence[dict],
+                       objective: str = "ce", progress: bool = False) -> np.ndarray:
+    """Mean per-token score of the gated model (α = 0 on each set) on ``samples``: ``ce`` = next-token
+    cross-entropy, ``kl`` = KL(dense ‖ pruned). Lower is better. Shape (len(sets),), float64."""
+    from tqdm.auto import tqdm
+
+    if objective not in ("ce", "kl"):
+        raise ValueError(f"unknown objective {objective!r}; use 'ce' or 'kl'")
+    samples = list(samples)
+    if objective == "ce":  # the baselines' calibration NLL: the same token-weighted definition, one implementation
+
+        return np.array([calibration_nll(model, samples, removed=list(b)) for b in
+                         tqdm(sets, desc="re-rank (ce)", disable=not progress)], dtype=np.float64)
+    dev = model_device(model)
+    dense = _dense_logprobs(model, samples, dev)
+    scores = np.zeros(len(sets))
+    with Gates(model) as gates:
+        for j, blocks in enumerate(tqdm(sets, desc=f"re-rank ({objective})", disable=not progress)):
+            a = torch.ones(gates.n)
+            a[list(blocks)] = 0.0
+            gates.alpha = a
+            tot, cnt = 0.0, 0
+            for i, s in enumerate(samples):
+                ids = s["input_ids"][None].to(dev)
+                lp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+                p_dense = dense[i].to(lp.device).float()
+                tot += float((p_dense.exp() * (p_dense - lp)).sum())
+                cnt += ids.shape[1] - 1
+            scores[j] = tot / cnt
+    return scores
+
+
+def rerank_states(model, states: pd.DataFrame, heldout: CalibrationSet | Sequence[dict], K: int | None = None,
+                  objective: str = "ce", progress: bool = True) -> RerankResult:
+    """Re-rank the K lowest-energy states by a measured loss on held-out *calibration* text; the predeclared rule
+    is: take the state with the lowest score (ties → lower energy rank)."""
+    t0 = time.perf_counter()
+    top = states.sort_values("rank").head(K or len(states)).copy()
+    sets = states_blocks(top)
+    top["score"] = calibration_scores(model, sets, heldout, objective, progress)
+    top["rerank_position"] = top["score"].rank(method="first").astype(int) - 1
+    calib = heldout.describe() if isinstance(heldout, CalibrationSet) else {"samples": len(heldout)}
+    return RerankResult(top.reset_index(drop=True), objective, time.perf_counter() - t0, calib)
+
+
+@dataclass
+class IterativeResult:
+    removed: list[int]
+    steps: list[dict]
+    seconds: float
+    gradient_seconds: float = 0.0
+
+
+def iterative_cbo(model, calibration: CalibrationSet, M: int, step: int = 2, energy: str = "fisher",
+                  protect_ends: bool = False, progress: bool = False, batch_size: int = 1) -> IterativeResult:
+    """Remove ``step`` blocks at a time: gate gradients on the current (gated) model, the ground state of the
+    chosen energy over the remaining blocks, repeat until M are removed. Indices are 0-based original ones."""
+    if step < 1:
+        raise ValueError("step must be at least 1")
+    t0 = time.perf_counter()
+    removed: list[int] = []
+    steps = []
+    grad_s = 0.0
+    while len(removed) < M:
+        grads = collect_gate_gradients(model, calibration, removed=removed, progress=progress, batch_size=batch_size)
+        grad_s += float(grads.meta["seconds_gradients"])
+        N = grads.N
+        kept = [i for i in range(N) if i not in removed]
+        sub = np.ix_(kept, kept)
+        H = grads.H.numpy()[sub]
+        g = grads.g.numpy()[kept]
+        keep_local = [kept.index(b) for b in (0, N - 1) if protect_ends and b in kept]
+        m = min(step, M - len(removed))
+        prob = BlockRemovalProblem.from_hessian(H, m, energy_gradient(energy, g=g), energy=energy,
+                                                keep=keep_local)
+        best = states_blocks(solve(prob, "exact", k=1, progress=False))[0]
+        new = [kept[i] for i in best]
+        removed = sorted(removed + new)
+        steps.append({"added": new, "removed": list(removed), "mean_loss": grads.meta["mean_loss"]})
+    return IterativeResult(removed, steps, time.perf_counter() - t0, grad_s)
+
+
+# ------------------------------------------------------------------------------------------------- analysis
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean of their positions), 0-based."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    xs = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and xs[j + 1] == xs[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0
+        i = j + 1
+    return ranks
+
+
+def spearman(a, b) -> float:
+    """Spearman's ρ (Pearson correlation of average ranks); NaN when either side is constant."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise ValueError(f"spearman needs two 1-D sequences of the same length ≥ 2, got {a.shape} and {b.shape}")
+    ra, rb = _ranks(a), _ranks(b)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    den = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
+    return float((ra * rb).sum() / den) if den > 0 else float("nan")
+
+
+def random_feasible_sets(N: int, M: int, n: int, seed: int = 0, keep: Sequence[int] = ()) -> list[list[int]]:
+    """``n`` distinct uniformly random M-subsets of the blocks not in ``keep`` (seeded)."""
+    rng = np.random.default_rng(seed)
+    free = np.array([i for i in range(N) if i not in set(keep)])
+    out: set[str] = set()
+    res = []
+    from math import comb
+
+    n = min(n, comb(len(free), M))
+    while len(res) < n:
+        s = sorted(rng.choice(free, size=M, replace=False).tolist())
+        key = format_blocks(s)
+        if key not in out:
+            out.add(key)
+            res.append(s)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------- variants
+@dataclass(frozen=True)
+class CBOVariant:
+    """One CBO selection rule, fixed before any evaluation.
+
+    ``gradients``: ``dense`` — gate gradients at α = 1 (the paper); ``stochastic`` — each row at a random partial
+    removal of 0..M blocks (:func:`cbo_utils.gradients.collect_gate_gradients` with ``random_removal=(0, M)``), the
+    Fisher averaged over the models met on the way to removing M blocks.
+    ``energy``: fisher (xᵀHx) | taylor (−gᵀx + ½xᵀHx). ``hessian``: fisher | exact. ``protect_ends``: keep the
+    first and last block. ``rerank``: re-rank the K lowest states by cross-entropy on the held-out calibration
+    windows and take the best (0 = ground state). ``iterative_step``: >0 = remove that many blocks at a time and
+    recompute the gradients on the shrunken model.
+    """
+
+    name: str
+    gradients: str = "dense"
+    energy: str = "fisher"
+    hessian: str = "fisher"
+    protect_ends: bool = False
+    rerank: int = 0
+    objective: str = "ce"
+    iterative_step: int = 0
+    description: str = ""
+
+    @property
+    def uses_heldout(self) -> bool:
+        return self.rerank > 0
+
+
+CBO_VARIANTS: dict[str, CBOVariant] = {v.name: v for v in [
+    CBOVariant("cbo-paper", description="the paper: Fisher xᵀHx at α = 1, ground state"),
+    CBOVariant("cbo-paper-rerank", rerank=20, description="the paper's 20 lowest states re-ranked on held-out "
+                                                          "calibration cross-entropy"),
+    CBOVariant("cbo-taylor", energy="taylor", description="with the first-order term, −gᵀx + ½xᵀHx"),
+    CBOVariant("cbo-exactH", hessian="exact", description="exact gate Hessian instead of the Fisher"),
+    CBOVariant("cbo-paper-protect", protect_ends=True, description="paper, first and last block kept"),
+    CBOVariant("cbo-iterative", iterative_step=2, protect_ends=True,
+               description="2 blocks at a time, gradients recomputed on the shrunken model, ends kept"),
+    CBOVariant("cbo-sd", gradients="stochastic", description="stochastic-depth Fisher (gradients at random partial "
+                                                             "removals of 0..M blocks), ground state"),
+    CBOVariant("cbo-sd-rerank", gradients="stochastic", rerank=20,
+               description="stochastic-depth Fisher, 20 lowest re-ranked on held-out calibration cross-entropy"),
+]}
+
+
+#: The package's default CBO selection (see README "Which CBO variant is the default").
+DEFAULT_VARIANT = "cbo-sd-rerank"
+
+
+def get_variant(name: str) -> CBOVariant:
+    if name not in CBO_VARIANTS:
+        raise ValueError(f"unknown CBO variant {name!r}; choose one of {sorted(CBO_VARIANTS)}")
+    return CBO_VARIANTS[name]
+
+
+# ----------------------------------------------------------------------------------------------- gradients
+def variant_gradients(model, calib, out: Path, kind: str, M: int, s: dict, seed: int, exact: int = 0):
+    """Cached gate gradients of one kind on ``calib`` (``dense`` or ``stochastic`` for removals of 0..M)."""
+
+    tag = "dense" if kind == "dense" else f"stochastic_M{M}"
+    path = out / f"gradients_{tag}_{len(calib)}.safetensors"
+    params = {"kind": kind, "M": M if kind != "dense" else None, "calibration_sha256": calib.sha256,
+              "points_per_sample": s["points_per_sample"] if kind != "dense" else 1, "seed": seed,
+              "exact_hessian_samples": exact, "batch_size": s["batch_size"]}
+    if path.is_file() and read_json(sidecar_path(path)).get("parameters") == params:
+        return load_gradients(path), path.name
+    kw = {}
+    if kind != "dense":
+        kw = {"random_removal": (0, M), "points_per_sample": s["points_per_sample"], "seed": seed}
+    res = collect_gate_gradients(model, calib, batch_size=s["batch_size"], exact_hessian_samples=exact,
+                                 checkpoint=out / f"{path.stem}.partial", **kw)
+    res.save(path, {"parameters": params})
+    return res, path.name
+
+
+# ----------------------------------------------------------------------------------------------- selection
+def select_cbo_variant(model, calib, heldout, fit, out: Path, v: CBOVariant, M: int, s: dict,
+                       seed: int) -> Selection:
+    """Run one CBO variant on ``calib`` (``fit``/``heldout``: its gradient and re-ranking parts, used by the variants
+    that re-rank); gradients are cached under ``out``. The Selection's ``states`` holds the variant's lowest states,
+    its ``meta`` the timings (gradients, solve, re-ranking), the gradients file and a detail note."""
+
+    t0 = time.perf_counter()
+    data = fit if v.uses_heldout else calib
+    if v.iterative_step:
+        r = iterative_cbo(model, data, M, step=v.iterative_step, energy=v.energy, protect_ends=v.protect_ends,
+                          batch_size=s["batch_size"])
+        return Selection(v.name, M, r.removed, seconds=time.perf_counter() - t0, calibration=data.describe(),
+                         meta={"gradient_seconds": r.gradient_seconds,
+                               "detail": json.dumps([st["added"] for st in r.steps])})
+    grads, gfile = variant_gradients(model, data, out, v.gradients, M, s, seed,
+                       exact=s["exact_hessian_samples"] if v.hessian == "exact" else 0)
+    grad_s = float(grads.meta.get("seconds_gradients", 0.0)) + float(grads.meta.get("seconds_exact_hessian", 0.0))
+    t1 = time.perf_counter()
+    k = max(v.rerank, s["spearman"]["lowest"] if v.name in s["spearman"]["variants"] else 1, 1)
+    free = grads.N - (2 if v.protect_ends else 0)
+    solver = "exact" if math.comb(free, M) <= EXACT_LIMIT else "tabu"  # e.g. M ≥ 16 of Llama-70B's 80 blocks
+    states = cbo_states(grads, M, k=k, energy=v.energy, hessian=v.hessian, protect_ends=v.protect_ends,
+                        seed=seed, solver=solver)
+    solve_s = time.perf_counter() - t1
+    rerank_s, detail = 0.0, ""
+    best = parse_blocks(states.iloc[0]["removed_blocks"])
+    energy = float(states.iloc[0]["energy"])
+    if v.rerank:
+        rr = rerank_states(model, states, heldout, K=v.rerank, objective=v.objective, progress=False)
+        best = rr.best
+        row = rr.table[rr.table["removed_blocks"] == format_blocks(best)].iloc[0]
+        energy = float(row["energy"])
+        rerank_s = rr.seconds
+        detail = f"picked energy rank {int(row['rank'])} of {v.rerank}"
+    return Selection(v.name, M, best, seconds=grad_s + solve_s + rerank_s, calibration=data.describe(),
+                     energy=energy, states=states,
+                     meta={"gradient_seconds": grad_s, "solve_seconds": solve_s, "rerank_seconds": rerank_s,
+                           "detail": detail, "gradients_file": gfile})
+
+
+#: the settings a CBO variant reads (the comparison's defaults for them; see ``compare.DEFAULTS``)
+CBO_SETTINGS: dict[str, Any] = {"rerank_samples": 8, "batch_size": 8, "exact_hessian_samples": 0,
+                                "points_per_sample": 2, "spearman": {"lowest": 1, "variants": []}}
+
+
+def select_cbo(model, calibration: CalibrationSet, M: int, variant: str = DEFAULT_VARIANT,
+               cache_dir=None, seed: int = 0, **settings) -> Selection:
+    """The CBO selection of ``M`` blocks by one variant (default: the package's default, :data:`DEFAULT_VARIANT`) —
+    the same code the comparison harness runs. Variants that re-rank hold out the last ``rerank_samples`` windows
+    of ``calibration`` and take gradients on the others, as the harness does. Gradients are cached under
+    ``cache_dir`` (a temporary folder when None)."""
+    v = get_variant(variant)
+    s = {**CBO_SETTINGS, **settings}
+    unknown = sorted(set(settings) - set(CBO_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown CBO setting(s) {unknown}; allowed: {sorted(CBO_SETTINGS)}")
+    n = len(calibration)
+    if v.uses_heldout and not 0 < s["rerank_samples"] < n:
+        raise ValueError(f"{variant} re-ranks on {s['rerank_samples']} held-out windows: give a calibration set of "
+                         f"more than that many samples (got {n}), or set rerank_samples")
+    n_fit = n - s["rerank_samples"]
+    fit = type(calibration)(calibration.samples[:n_fit], {**calibration.recipe,
+                                                          "part": f"windows 0..{n_fit - 1} (gradients)"})
+    heldout = type(calibration)(calibration.samples[n_fit:], {**calibration.recipe,
+                                                              "part": f"windows {n_fit}..{n - 1} (re-ranking)"})
+    if cache_dir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return select_cbo_variant(model, calibration, heldout, fit, Path(tmp), v, M, s, seed)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    return select_cbo_variant(model, calibration, heldout, fit, Path(cache_dir), v, M, s, seed)

@@ -1,0 +1,1 @@
+"""Solvers of the block-removal problem and their one result table."""

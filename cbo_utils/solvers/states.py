@@ -1,0 +1,143 @@
+"""The one result table of every solver: one row per state —
+
+``rank``            0 = lowest energy found
+``energy``          float64, recomputed exactly as ``xᵀQx + const`` on the full problem
+``removed_blocks``  canonical string of the removed 0-based original block indices, e.g. ``"3 7 12"``
+``solver``          ``"exact"``, ``"naive"``, ``"brute_force"``, ``"sa"`` or ``"tabu"``
+``seed``            the sampler's seed (nullable ``Int64``; NA for deterministic enumeration)
+``feasible``        whether the state satisfies every constraint of the problem
+``tie``             energy equal (within ``1e-12·max(1,|E|)``) to that of a neighbour in the sorted list
+
+Rows are sorted by energy, then by the ``removed_blocks`` string; ``df.attrs["solver_info"]`` holds the solver's
+metadata. Also the CSV round trip of the table and its conversion to block lists / 0-1 matrices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cbo_utils.core.artifacts import (
+    atomic_write_text,
+    format_blocks,
+    parse_blocks,
+    read_json,
+    sidecar_path,
+    write_sidecar,
+)
+from cbo_utils.problem.ising import BlockRemovalProblem
+
+COLUMNS = ["rank", "energy", "removed_blocks", "solver", "seed", "feasible", "tie"]
+
+
+TIE_RTOL = 1e-12
+
+
+def _tie_groups(E: np.ndarray) -> np.ndarray:
+    """Group ids of a sorted energy array: consecutive entries within ``TIE_RTOL·max(1,|E|)`` share a group."""
+    if E.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    gap = np.diff(E) > TIE_RTOL * np.maximum(1.0, np.maximum(np.abs(E[1:]), np.abs(E[:-1])))
+    return np.concatenate([[0], np.cumsum(gap)])
+
+
+def results_frame(problem: BlockRemovalProblem, X: np.ndarray, solver: str, seed: int | None, k: int | None,
+                   info: Mapping[str, Any]) -> pd.DataFrame:
+    """The standard table from full 0/1 states ``X`` (duplicates dropped, exact energies, canonical order)."""
+    X = np.asarray(X, dtype=np.int8).reshape(-1, problem.N)
+    if X.shape[0]:
+        X = np.unique(X, axis=0)
+    E = np.asarray(problem.energy_of(X), dtype=np.float64).reshape(-1)
+    feas = np.asarray(problem.feasible(X), dtype=bool).reshape(-1)
+    names = np.array([format_blocks(np.flatnonzero(row)) for row in X], dtype=object)
+    order = np.lexsort((names, E))  # by energy, then (exact ties) by the canonical string
+    E, feas, names = E[order], feas[order], names[order]
+    groups = _tie_groups(E)
+    same = groups[1:] == groups[:-1]
+    tie = np.zeros(E.size, dtype=bool)
+    tie[1:] |= same
+    tie[:-1] |= same
+    if k is not None:
+        E, feas, names, tie = E[:k], feas[:k], names[:k], tie[:k]
+    df = pd.DataFrame({
+        "rank": np.arange(E.size, dtype=np.int64),
+        "energy": E.astype(np.float64),
+        "removed_blocks": pd.Series(names, dtype=object).astype(str),
+        "solver": solver,
+        "seed": pd.array([seed] * E.size, dtype="Int64"),
+        "feasible": feas,
+        "tie": tie,
+    }, columns=COLUMNS)
+    full_info = {
+        "solver": solver, "seed": seed, "N": problem.N, "M": problem.M, "energy": str(problem.energy),
+        "keep": list(problem.keep), "remove": list(problem.remove),
+        "only_types": None if problem.only_types is None else list(problem.only_types),
+        "n_free": int(len(problem.free)), "M_free": problem.M_free, "k": k,
+    }
+    full_info.update(info)
+    df.attrs["solver_info"] = full_info
+    return df
+
+
+def check_k(k) -> int:
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k (how many lowest states to return) must be a positive integer, got {k!r}")
+    return int(k)
+
+
+def write_states_csv(df: pd.DataFrame, path, provenance_record: Mapping[str, Any] | None = None) -> Path:
+    """Atomically write the table as CSV; with a provenance record also write the sidecar ``<path>.json``, adding
+    ``df.attrs["solver_info"]`` to it under ``"solver_info"``."""
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"not a solver table: columns {missing} are missing (expected {COLUMNS})")
+    extra = [c for c in df.columns if c not in COLUMNS]
+    path = Path(path)
+    atomic_write_text(path, df[COLUMNS + extra].to_csv(index=False, float_format="%.17g", lineterminator="\n"))
+    if provenance_record is not None:
+        record = dict(provenance_record)
+        record.setdefault("solver_info", df.attrs.get("solver_info", {}))
+        write_sidecar(path, record)
+    return path
+
+
+def read_states_csv(path) -> pd.DataFrame:
+    """Read a table written by :func:`write_states_csv` (``removed_blocks`` stays a string). If the sidecar exists
+    its ``solver_info`` is put back into ``df.attrs``."""
+    path = Path(path)
+    df = pd.read_csv(path, dtype={"removed_blocks": str, "solver": str}, keep_default_na=False,
+                     na_values={"seed": [""]})
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path} is not a solver table: columns {missing} are missing")
+    df["rank"] = df["rank"].astype(np.int64)
+    df["energy"] = df["energy"].astype(np.float64)
+    df["seed"] = pd.array(df["seed"], dtype="Int64")
+    for col in ("feasible", "tie"):
+        if df[col].dtype != bool:
+            df[col] = df[col].astype(str).str.lower().map({"true": True, "false": False}).astype(bool)
+    side = sidecar_path(path)
+    if side.is_file():
+        rec = read_json(side)
+        if isinstance(rec, dict) and "solver_info" in rec:
+            df.attrs["solver_info"] = rec["solver_info"]
+    return df
+
+
+def states_blocks(df: pd.DataFrame) -> list[list[int]]:
+    """The removed blocks of each row as lists of 0-based indices."""
+    return [parse_blocks(s) for s in df["removed_blocks"]]
+
+
+def states_to_matrix(df: pd.DataFrame, N: int) -> np.ndarray:
+    """The rows of a solver table as an ``(n, N)`` int8 0/1 matrix."""
+    out = np.zeros((len(df), int(N)), dtype=np.int8)
+    for r, blocks in enumerate(states_blocks(df)):
+        if blocks and (min(blocks) < 0 or max(blocks) >= N):
+            raise ValueError(f"row {r} removes blocks outside 0..{N - 1}: {blocks}")
+        out[r, blocks] = 1
+    return out
