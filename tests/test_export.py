@@ -150,3 +150,28 @@ def test_exported_folder_is_readable_by_others(tmp_path):
     model, tok = build_tiny("tiny-llama")
     out = export_pruned(model, tok, [2], tmp_path / "p")
     assert stat.S_IMODE(out.stat().st_mode) == 0o755   # not mkdtemp's 0700
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-nemotron-h"])
+def test_config_rewrite_is_one_rule_for_memory_and_files(name):
+    """remove_blocks (config object) and prune_config_dict (config.json dict) rewrite the per-layer fields alike,
+    including a per-layer list the rule only knows by its name; both record the removal cumulatively."""
+    from cbo_utils.prune.files import prune_config_dict
+
+    model, _ = build_tiny(name)
+    n = len(get_adapter(model).layers(model))
+    model.config.custom_layer_kinds = [f"kind{i}" for i in range(n)]
+    model.config.cbo_removed_blocks = [1]  # as if one block of an (n+1)-block model had gone already
+    before = model.config.to_dict()
+    remove = [2, 4] if name == "tiny-qwen3" else [0, 3, 7]
+    kept = [i for i in range(n) if i not in remove]
+    from_file, rec = prune_config_dict(before, kept, n, remove)
+    remove_blocks(model, remove)
+    in_memory = model.config.to_dict()
+    for field in ("layer_types", "layers_block_type", "max_window_layers", "custom_layer_kinds",
+                  "cbo_removed_blocks"):
+        assert in_memory.get(field) == from_file.get(field), field
+    assert from_file["custom_layer_kinds"] == [f"kind{i}" for i in kept]
+    assert from_file["cbo_removed_blocks"] == sorted({1} | {i + (i >= 1) for i in remove})
+    assert model.config.num_hidden_layers == from_file.get("num_hidden_layers", len(kept)) == len(kept)
+    assert "custom_layer_kinds" in rec["fields"]

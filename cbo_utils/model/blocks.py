@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable, Sequence
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +30,7 @@ from torch import nn
 DECODER, ATTENTION, MAMBA, MOE, MLP = "decoder", "attention", "mamba", "moe", "mlp"
 #: the one block-type vocabulary of hybrid models: native NemotronH layer types, remote-code names, pattern letters
 NEMOTRON_NATIVE_TYPES = {"linear_attention": MAMBA, "moe": MOE, "full_attention": ATTENTION, "mlp": MLP}
+NATIVE_NAME = {v: k for k, v in NEMOTRON_NATIVE_TYPES.items()}
 _NEMOTRON_REMOTE = {"mamba": MAMBA, "moe": MOE, "attention": ATTENTION, "mlp": MLP}
 PATTERN_LETTER = {MAMBA: "M", MOE: "E", ATTENTION: "*", MLP: "-"}
 LETTER_TYPE = {v: k for k, v in PATTERN_LETTER.items()}
@@ -84,30 +87,66 @@ class Adapter:
                 mod.layer_idx = new_idx
 
     def rewrite_config(self, config, kept: Sequence[int], n_original: int) -> None:
-        config.num_hidden_layers = len(kept)
-        lt = getattr(config, "layer_types", None)
-        if isinstance(lt, (list, tuple)) and len(lt) == n_original:
-            config.layer_types = [lt[i] for i in kept]
-        mwl = getattr(config, "max_window_layers", None)
-        if isinstance(mwl, int):  # layers with index < max_window_layers use full attention (Qwen2/3)
-            config.max_window_layers = sum(1 for i in kept if i < mwl)
-        for name in ("mlp_only_layers", "no_rope_layers"):
-            _remap_layer_field(config, name, kept, n_original)
+        """Apply :func:`remap_layer_fields` to the config object (derived read-only properties such as NemotronH's
+        ``num_hidden_layers`` follow by themselves)."""
+        for name, value in remap_layer_fields(_config_fields(config), kept, n_original).items():
+            if not isinstance(getattr(type(config), name, None), property):
+                setattr(config, name, value)
 
     def config_json_extras(self, config) -> dict:
         """Keys to write into the saved ``config.json`` beyond what ``save_pretrained`` writes."""
         return {}
 
 
-def _remap_layer_field(config, name: str, kept: Sequence[int], n_original: int) -> None:
-    val = getattr(config, name, None)
-    if not isinstance(val, (list, tuple)) or not val:
-        return
-    if len(val) == n_original and all(isinstance(v, (bool, int)) and v in (0, 1) for v in val) and n_original > 1:
-        setattr(config, name, [val[i] for i in kept])  # a per-layer flag list
-    else:  # a list of layer indices
-        new = {old: new for new, old in enumerate(kept)}
-        setattr(config, name, [new[v] for v in val if v in new])
+#: per-layer lists that hold either one 0/1 flag per layer or a list of layer indices
+_FLAG_OR_INDEX_LISTS = ("mlp_only_layers", "no_rope_layers")
+
+
+def remap_layer_fields(fields: Mapping[str, Any], kept: Sequence[int], n_original: int) -> dict[str, Any]:
+    """The new values of the depth-dependent fields among ``fields`` (a config's attributes, or a ``config.json``
+    dict) when blocks ``kept`` of ``n_original`` stay — the one rule for models in memory
+    (:meth:`Adapter.rewrite_config`) and checkpoint files (:func:`cbo_utils.prune.files.prune_config_dict`).
+
+    ``layers_block_type`` / ``layer_types`` and ``hybrid_override_pattern`` filtered; ``num_hidden_layers`` = kept
+    count; ``max_window_layers`` recounted (Qwen2/3: layers below it use full attention); ``mlp_only_layers`` /
+    ``no_rope_layers`` remapped (flag lists filtered, index lists renumbered); any other list whose name contains
+    ``layer`` with one non-integer entry per layer filtered. Fields not returned stay as they are.
+    """
+    kept = list(kept)
+    new: dict[str, Any] = {}
+    for name in ("layers_block_type", "layer_types"):
+        v = fields.get(name)
+        if isinstance(v, (list, tuple)) and len(v) == n_original:
+            new[name] = [v[i] for i in kept]
+    pat = fields.get("hybrid_override_pattern")
+    if isinstance(pat, str) and len(pat) == n_original:
+        new["hybrid_override_pattern"] = "".join(pat[i] for i in kept)
+    new["num_hidden_layers"] = len(kept)
+    mwl = fields.get("max_window_layers")
+    if isinstance(mwl, int) and not isinstance(mwl, bool):
+        new["max_window_layers"] = sum(1 for i in kept if i < mwl)
+    new_of = {old: new_i for new_i, old in enumerate(kept)}
+    for name in _FLAG_OR_INDEX_LISTS:
+        v = fields.get(name)
+        if not isinstance(v, (list, tuple)) or not v:
+            continue
+        if len(v) == n_original and n_original > 1 and all(isinstance(x, (bool, int)) and x in (0, 1) for x in v):
+            new[name] = [v[i] for i in kept]  # a per-layer flag list
+        else:  # a list of layer indices
+            new[name] = [new_of[x] for x in v if x in new_of]
+    for name, v in fields.items():
+        if (name not in new and name not in _FLAG_OR_INDEX_LISTS and "layer" in name.lower()
+                and isinstance(v, (list, tuple)) and len(v) == n_original
+                and not all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+            new[name] = [v[i] for i in kept]
+    return new
+
+
+def _config_fields(config) -> dict[str, Any]:
+    """A config object's fields as a dict (``to_dict`` of a ``PretrainedConfig``; public attributes otherwise)."""
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return {k: getattr(config, k) for k in dir(config) if not k.startswith("_") and not callable(getattr(config, k))}
 
 
 class NemotronHNativeAdapter(Adapter):
@@ -116,9 +155,6 @@ class NemotronHNativeAdapter(Adapter):
 
     def gate_targets(self, block):
         return [block.mixer]
-
-    def rewrite_config(self, config, kept, n_original):
-        config.layers_block_type = [config.layers_block_type[i] for i in kept]
 
     def config_json_extras(self, config):
         types = [NEMOTRON_NATIVE_TYPES[t] for t in config.layers_block_type]
@@ -139,12 +175,6 @@ class NemotronHRemoteAdapter(Adapter):
 
     def gate_targets(self, block):
         return [block.mixer]
-
-    def rewrite_config(self, config, kept, n_original):
-        pattern = getattr(config, "hybrid_override_pattern", None)
-        if pattern is not None:
-            config.hybrid_override_pattern = "".join(pattern[i] for i in kept)
-        config.num_hidden_layers = len(kept)
 
     def config_json_extras(self, config):
         return {"hybrid_override_pattern": config.hybrid_override_pattern, "num_hidden_layers": len(
@@ -307,18 +337,19 @@ class Gates:
 
 
 # ---------------------------------------------------------------------------------------------------- removal
-def check_removal(model: nn.Module, remove: Iterable[int]) -> list[int]:
-    """Validate a removal set and return it sorted; raise :class:`RemovalError` saying what to do otherwise."""
-    adapter = get_adapter(model)
-    n = len(adapter.layers(model))
+def check_indices(remove: Iterable[int], n: int, types: Sequence[str], hybrid: bool,
+                  *, what: str = "this model") -> list[int]:
+    """Validate a removal set for a stack of ``n`` blocks of ``types`` and return it sorted; raise
+    :class:`RemovalError` saying what to do otherwise. The one rule for models in memory (:func:`check_removal`) and
+    checkpoint folders (:func:`cbo_utils.prune.files.prune_checkpoint_files`)."""
     remove = list(remove)
-    bad = [b for b in remove if not isinstance(b, (int,)) and not (hasattr(b, "__index__"))]
+    bad = [b for b in remove if isinstance(b, bool) or not hasattr(b, "__index__")]
     if bad:
         raise RemovalError(f"block indices must be integers, got {bad!r}")
-    remove = [int(b) for b in remove]
+    remove = [operator.index(b) for b in remove]
     out_of_range = sorted({b for b in remove if b < 0 or b >= n})
     if out_of_range:
-        raise RemovalError(f"block indices {out_of_range} are out of range: this model has {n} blocks, numbered "
+        raise RemovalError(f"block indices {out_of_range} are out of range: {what} has {n} blocks, numbered "
                            f"0..{n - 1} (indices are 0-based)")
     dupes = sorted({b for b in remove if remove.count(b) > 1})
     if dupes:
@@ -327,14 +358,17 @@ def check_removal(model: nn.Module, remove: Iterable[int]) -> list[int]:
         raise RemovalError("nothing to remove: give at least one block index")
     if len(remove) >= n:
         raise RemovalError(f"removing all {n} blocks leaves no model; remove at most {n - 1}")
-    types = adapter.block_types(model)
-    if adapter.hybrid and ATTENTION in types:
-        left = [i for i, t in enumerate(types) if t == ATTENTION and i not in remove]
-        if not left:
-            att = [i for i, t in enumerate(types) if t == ATTENTION]
-            raise RemovalError(f"this removal takes out every attention block {att} of a hybrid model; at least one "
-                               "must remain (cached generation needs it). Keep one of them, e.g. with --keep.")
+    att = [i for i, t in enumerate(types) if t == ATTENTION]
+    if hybrid and att and not set(att) - set(remove):
+        raise RemovalError(f"this removal takes out every attention block {att} of a hybrid model; at least one "
+                           "must remain (cached generation needs it). Keep one of them, e.g. with --keep.")
     return sorted(remove)
+
+
+def check_removal(model: nn.Module, remove: Iterable[int]) -> list[int]:
+    """Validate a removal set for ``model`` (:func:`check_indices`) and return it sorted."""
+    adapter = get_adapter(model)
+    return check_indices(remove, len(adapter.layers(model)), adapter.block_types(model), adapter.hybrid)
 
 
 def remove_blocks(model: nn.Module, remove: Iterable[int]) -> nn.Module:
@@ -355,12 +389,19 @@ def remove_blocks(model: nn.Module, remove: Iterable[int]) -> nn.Module:
         adapter.renumber(block, new_idx)
     adapter.set_layers(model, new_layers)
     adapter.rewrite_config(model.config, kept, n)
-    prev = getattr(model.config, "cbo_removed_blocks", None) or []
-    if prev:  # map indices of the already-shrunk model back to the original model
-        orig_kept = [i for i in range(n + len(prev)) if i not in set(prev)]
-        remove = sorted(set(prev) | {orig_kept[i] for i in remove})
-    model.config.cbo_removed_blocks = list(remove)
+    model.config.cbo_removed_blocks = cumulative_removed(getattr(model.config, "cbo_removed_blocks", None), remove, n)
     return model
+
+
+def cumulative_removed(previous: Sequence[int] | None, remove: Iterable[int], n: int) -> list[int]:
+    """``cbo_removed_blocks`` after removing ``remove`` (indices of a model of ``n`` blocks) from a model that had
+    already lost ``previous`` (indices of the first model): every index in terms of the first model."""
+    previous = sorted(int(b) for b in previous or [])
+    remove = sorted(int(b) for b in remove)
+    if not previous:
+        return remove
+    orig_kept = [i for i in range(n + len(previous)) if i not in set(previous)]
+    return sorted(set(previous) | {orig_kept[i] for i in remove})
 
 
 def model_layers(model):

@@ -11,6 +11,8 @@ import functools
 
 import torch
 
+from cbo_utils.model.blocks import NATIVE_NAME, pattern_types
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -95,15 +97,6 @@ def tiny_qwen3(num_layers: int = 6, hidden: int = 64, seed: int = 0, tokenizer=N
     return Qwen3ForCausalLM(cfg).eval(), tok
 
 
-def pattern_to_types(pattern: str) -> list[str]:
-    names = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
-    try:
-        return [names[c] for c in pattern]
-    except KeyError as exc:
-        raise ValueError(f"unknown layer letter {exc} in pattern {pattern!r}: use M (Mamba2), E (MoE), "
-                         "* (attention) or - (MLP)") from None
-
-
 def tiny_nemotron_h(pattern: str = TINY_NEMOTRON_PATTERN, hidden: int = 64, seed: int = 0, tokenizer=None,
                     experts_per_token: int = 2):
     """A randomly initialised NemotronHForCausalLM with the Nano structure in miniature (native layout): 4 routed
@@ -112,7 +105,7 @@ def tiny_nemotron_h(pattern: str = TINY_NEMOTRON_PATTERN, hidden: int = 64, seed
 
     tok = tokenizer or build_tokenizer()
     cfg = NemotronHConfig(
-        vocab_size=len(tok), hidden_size=hidden, layers_block_type=pattern_to_types(pattern),
+        vocab_size=len(tok), hidden_size=hidden, layers_block_type=[NATIVE_NAME[t] for t in pattern_types(pattern)],
         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, intermediate_size=2 * hidden,
         mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16,
         n_routed_experts=4, num_experts_per_tok=experts_per_token, n_shared_experts=1, moe_intermediate_size=hidden,

@@ -34,11 +34,9 @@ def export_pruned(model, tokenizer, remove, out_dir, *, method: str = "manual", 
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; choose another --out or pass overwrite=True (--overwrite)")
     adapter = get_adapter(model)
-    n_orig = num_blocks(model)
     types_before = block_types(model)
     remove = check_removal(model, remove)
     remove_blocks(model, remove)
-    kept = [i for i in range(n_orig) if i not in set(remove)]
     with atomic_folder(out_dir) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -48,19 +46,31 @@ def export_pruned(model, tokenizer, remove, out_dir, *, method: str = "manual", 
             cfg = read_json(tmp / "config.json")
             cfg.update(extras)
             write_json(tmp / "config.json", cfg)
-        record = {
-            "removed_blocks": remove, "kept_blocks": kept, "index_base": 0, "num_blocks_original": n_orig,
-            "num_blocks_pruned": len(kept), "removed_block_types": [types_before[i] for i in remove],
-            "method": method, "energy": energy, "source_model": source,
-            "parameters_pruned": sum(p.numel() for p in model.parameters()),
-            "provenance": provenance("pruned_model", {"remove": remove, "method": method}, **(extra or {})),
-        }
+        record = removal_record(remove, types_before, method=method, energy=energy, source=source,
+                                parameters=sum(p.numel() for p in model.parameters()), extra=extra)
         write_json(tmp / "removed_blocks.json", record)
         atomic_write_text(tmp / "README.md", model_card(record, type(model).__name__))
     return out_dir
 
 
+def removal_record(remove, types, *, method: str, energy: float | None, source: str | None, parameters: int,
+                   kind: str = "pruned_model", inputs: dict | None = None, extra: dict | None = None,
+                   **fields: Any) -> dict[str, Any]:
+    """The ``removed_blocks.json`` record of a pruned folder (the one schema for exports of models in memory and of
+    checkpoint files): the removal in 0-based indices of the source model of block ``types``, what is kept, the
+    method and energy, the parameter count after removal, any further ``fields``, and the provenance."""
+    remove = sorted(int(b) for b in remove)
+    kept = [i for i in range(len(types)) if i not in set(remove)]
+    return {
+        "removed_blocks": remove, "kept_blocks": kept, "index_base": 0, "num_blocks_original": len(types),
+        "num_blocks_pruned": len(kept), "removed_block_types": [types[i] for i in remove], "method": method,
+        "energy": energy, "source_model": source, "parameters_pruned": int(parameters), **fields,
+        "provenance": provenance(kind, {"remove": remove, "method": method}, inputs=inputs, **(extra or {})),
+    }
+
+
 def model_card(rec: dict[str, Any], cls: str) -> str:
+    """The README.md of a pruned folder, from its :func:`removal_record`."""
     energy = "" if rec["energy"] is None else f"\n- Energy of the removal set: `{rec['energy']:.6g}`"
     return f"""---
 tags: [block-removal, pruning, cbo]

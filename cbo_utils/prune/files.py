@@ -13,18 +13,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from cbo_utils.core.artifacts import (
     atomic_folder,
     atomic_write_text,
     parse_blocks,
-    provenance,
     read_json,
     write_json,
 )
-from cbo_utils.model.blocks import ATTENTION, NEMOTRON_NATIVE_TYPES, PATTERN_LETTER, RemovalError, pattern_types
-from cbo_utils.prune.export import model_card
+from cbo_utils.model.blocks import (
+    NEMOTRON_NATIVE_TYPES,
+    PATTERN_LETTER,
+    check_indices,
+    cumulative_removed,
+    pattern_types,
+    remap_layer_fields,
+)
+from cbo_utils.prune.export import model_card, removal_record
 
 _LAYER_NAME = re.compile(r"^((?:[^.]+\.)*?layers)\.(\d+)\.(.+)$")
 
@@ -58,32 +62,6 @@ def layout_from_config(config: Mapping[str, Any]) -> tuple[int, list[str], bool]
     raise ValueError("config.json has neither layers_block_type, hybrid_override_pattern nor num_hidden_layers: "
                      "cannot tell how many blocks the checkpoint has (nested text_config checkpoints are not "
                      "supported)")
-
-
-def _check_remove_list(remove, n: int, types: Sequence[str], hybrid: bool) -> list[int]:
-    """Validate a removal set against a checkpoint's layout (the rules of :func:`cbo_utils.model.blocks.check_removal`)."""
-    if isinstance(remove, str):
-        remove = parse_blocks(remove)
-    remove = list(remove)
-    bad = [b for b in remove if isinstance(b, bool) or not isinstance(b, (int, np.integer))]
-    if bad:
-        raise RemovalError(f"block indices must be integers, got {bad!r}")
-    remove = [int(b) for b in remove]
-    out = sorted({b for b in remove if not 0 <= b < n})
-    if out:
-        raise RemovalError(f"block indices {out} are out of range: the checkpoint has {n} blocks, numbered 0..{n - 1}")
-    dup = sorted({b for b in remove if remove.count(b) > 1})
-    if dup:
-        raise RemovalError(f"block indices {dup} are listed more than once")
-    if not remove:
-        raise RemovalError("nothing to remove: give at least one block index")
-    if len(remove) >= n:
-        raise RemovalError(f"removing all {n} blocks leaves no model; remove at most {n - 1}")
-    att = [i for i, t in enumerate(types) if t == ATTENTION]
-    if hybrid and att and not set(att) - set(remove):
-        raise RemovalError(f"this removal takes out every attention block {att} of a hybrid model; at least one must "
-                           "remain (cached generation needs it)")
-    return sorted(remove)
 
 
 def remap_layer_references(obj: Any, kept: Sequence[int], n_original: int, record: dict | None = None) -> Any:
@@ -145,65 +123,27 @@ def prune_config_dict(config: Mapping[str, Any], kept: Sequence[int], n_original
                       removed: Sequence[int] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``config.json`` dict of the pruned checkpoint, and a record of what changed.
 
-    Mirrors the in-memory path (:meth:`cbo_utils.model.blocks.Adapter.rewrite_config` and ``config_json_extras``):
-    ``layers_block_type`` / ``layer_types`` filtered, ``hybrid_override_pattern`` filtered (and written, with
-    ``num_hidden_layers``, for native NemotronH configs, as vLLM reads them), ``num_hidden_layers`` = kept count,
-    ``max_window_layers`` recounted, ``mlp_only_layers`` / ``no_rope_layers`` remapped (flag lists filtered, index
-    lists renumbered), any other list field whose name contains ``layer`` with one non-integer entry per layer
-    filtered, ``quantization_config`` remapped by :func:`remap_layer_references`, and ``cbo_removed_blocks`` extended
-    (cumulative, in indices of the first model).
+    The per-layer fields follow the rule of the in-memory path, :func:`cbo_utils.model.blocks.remap_layer_fields`;
+    native NemotronH configs also get ``hybrid_override_pattern`` (vLLM reads it, as ``config_json_extras`` writes
+    it in memory); ``quantization_config`` / ``compression_config`` are remapped by :func:`remap_layer_references`,
+    and ``cbo_removed_blocks`` is extended (cumulative, in indices of the first model).
     """
 
     cfg = json.loads(json.dumps(config))
     kept = list(kept)
-    rec: dict[str, Any] = {"fields": []}
-    native = isinstance(cfg.get("layers_block_type"), list)
-    for name in ("layers_block_type", "layer_types"):
-        v = cfg.get(name)
-        if isinstance(v, list) and len(v) == n_original:
-            cfg[name] = [v[i] for i in kept]
-            rec["fields"].append(name)
-    pat = cfg.get("hybrid_override_pattern")
-    if isinstance(pat, str) and len(pat) == n_original:
-        cfg["hybrid_override_pattern"] = "".join(pat[i] for i in kept)
-        rec["fields"].append("hybrid_override_pattern")
-    elif native:
+    changes = remap_layer_fields(cfg, kept, n_original)
+    cfg.update(changes)
+    rec: dict[str, Any] = {"fields": list(changes)}
+    if isinstance(cfg.get("layers_block_type"), list) and "hybrid_override_pattern" not in changes:
         cfg["hybrid_override_pattern"] = "".join(PATTERN_LETTER[NEMOTRON_NATIVE_TYPES.get(t, t)]
                                                  for t in cfg["layers_block_type"])
         rec["fields"].append("hybrid_override_pattern (written for vLLM)")
-    cfg["num_hidden_layers"] = len(kept)
-    rec["fields"].append("num_hidden_layers")
-    mwl = cfg.get("max_window_layers")
-    if isinstance(mwl, int) and not isinstance(mwl, bool):
-        cfg["max_window_layers"] = sum(1 for i in kept if i < mwl)
-        rec["fields"].append("max_window_layers")
-    new_of = {old: new for new, old in enumerate(kept)}
-    for name in ("mlp_only_layers", "no_rope_layers"):
-        v = cfg.get(name)
-        if not isinstance(v, list) or not v:
-            continue
-        if len(v) == n_original and n_original > 1 and all(isinstance(x, (bool, int)) and x in (0, 1) for x in v):
-            cfg[name] = [v[i] for i in kept]
-        else:
-            cfg[name] = [new_of[x] for x in v if x in new_of]
-        rec["fields"].append(name)
-    handled = {"layers_block_type", "layer_types", "mlp_only_layers", "no_rope_layers"}
-    for name, v in list(cfg.items()):
-        if (name not in handled and "layer" in name.lower() and isinstance(v, list) and len(v) == n_original
-                and not all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
-            cfg[name] = [v[i] for i in kept]
-            rec["fields"].append(name)
     for name in ("quantization_config", "compression_config"):
         if isinstance(cfg.get(name), dict):
             qrec: dict[str, Any] = {}
             cfg[name] = remap_layer_references(cfg[name], kept, n_original, qrec)
             rec[name] = qrec
-    prev = list(cfg.get("cbo_removed_blocks") or [])
-    removed = sorted(int(b) for b in removed)
-    if prev:
-        orig_kept = [i for i in range(n_original + len(prev)) if i not in set(prev)]
-        removed = sorted(set(prev) | {orig_kept[i] for i in removed})
-    cfg["cbo_removed_blocks"] = removed
+    cfg["cbo_removed_blocks"] = cumulative_removed(cfg.get("cbo_removed_blocks"), removed, n_original)
     return cfg, rec
 
 
@@ -242,7 +182,8 @@ def prune_checkpoint_files(src_dir, remove, out_dir, *, overwrite: bool = False,
         raise FileExistsError(f"{out_dir} exists; choose another folder or pass overwrite=True")
     config = read_json(src / "config.json")
     n, types, hybrid = layout_from_config(config)
-    remove = _check_remove_list(remove, n, types, hybrid)
+    remove = check_indices(parse_blocks(remove) if isinstance(remove, str) else remove, n, types, hybrid,
+                           what="the checkpoint")
     kept = [i for i in range(n) if i not in set(remove)]
     new_of = {old: new for new, old in enumerate(kept)}
 
@@ -338,16 +279,11 @@ def prune_checkpoint_files(src_dir, remove, out_dir, *, overwrite: bool = False,
                 shutil.copytree(p, tmp / p.name)
             else:
                 shutil.copy2(p, tmp / p.name)
-        record = {
-            "removed_blocks": remove, "kept_blocks": kept, "index_base": 0, "num_blocks_original": n,
-            "num_blocks_pruned": len(kept), "removed_block_types": [types[i] for i in remove], "method": method,
-            "energy": energy, "source_model": source or str(src), "parameters_pruned": total_params,
-            "pruned_from_files": True, "tensor_prefix": prefix, "tensors_dropped": n_dropped,
-            "shards": final_shards, "config_rewrite": cfg_rec, "hf_quant_config": quant_rec,
-            "skipped_files": skipped,
-            "provenance": provenance("pruned_checkpoint_files", {"remove": remove, "method": method},
-                                     inputs={"config": src / "config.json"}, **dict(extra or {})),
-        }
+        record = removal_record(
+            remove, types, method=method, energy=energy, source=source or str(src), parameters=total_params,
+            kind="pruned_checkpoint_files", inputs={"config": src / "config.json"}, extra=extra,
+            pruned_from_files=True, tensor_prefix=prefix, tensors_dropped=n_dropped, shards=final_shards,
+            config_rewrite=cfg_rec, hf_quant_config=quant_rec, skipped_files=skipped)
         write_json(tmp / "removed_blocks.json", record)
         atomic_write_text(tmp / "README.md", model_card(record, (config.get("architectures") or ["?"])[0]))
     return out_dir
