@@ -14,8 +14,9 @@ from conftest import varied_calibration
 
 from cbo_utils.calibration import CalibrationSet, _sample
 from cbo_utils.evaluate import reasoning
+from cbo_utils.evaluate.perplexity import perplexity
 from cbo_utils.experiments import hybrid
-from cbo_utils.experiments.hybrid import evaluate_windows, hybrid_settings, run_hybrid_experiment
+from cbo_utils.experiments.hybrid import hybrid_settings, run_hybrid_experiment
 from cbo_utils.model import standin as standin_module
 from cbo_utils.model.blocks import RemovalError, block_types, check_removal, pattern_types, remove_blocks
 from cbo_utils.model.standin import NANO_PATTERN, standin_nemotron_h
@@ -192,8 +193,8 @@ def test_gated_evaluation_equals_physical_removal_on_standin(standin):
     assert sorted(types[b] for b in removed) == ["attention", "mamba", "moe"]
     win = _windows(tok)
     pruned = remove_blocks(copy.deepcopy(model), removed)
-    gated = evaluate_windows(model, win, removed=removed, batch_size=2)
-    physical = evaluate_windows(pruned, win, batch_size=2)
+    gated = perplexity(model, win, removed=removed, batch_size=2)
+    physical = perplexity(pruned, win, batch_size=2)
     assert gated["accuracy"] == physical["accuracy"] and gated["tokens"] == physical["tokens"]
     assert math.isclose(gated["perplexity"], physical["perplexity"], rel_tol=1e-6)
     from cbo_utils.model.blocks import Gates
@@ -202,13 +203,12 @@ def test_gated_evaluation_equals_physical_removal_on_standin(standin):
         ref = model(win).logits
     with torch.no_grad():
         torch.testing.assert_close(pruned(win).logits, ref, rtol=0, atol=1e-5)
-    # and the dense numbers agree with an independent computation (evaluate.perplexity + a hand-written accuracy)
-    from cbo_utils.evaluate.perplexity import perplexity
-
-    dense = evaluate_windows(model, win)
-    assert math.isclose(dense["perplexity"], perplexity(model, win)["perplexity"], rel_tol=1e-9)
+    # and the dense numbers agree with an independent computation (a hand-written NLL and accuracy)
+    dense = perplexity(model, win)
     with torch.no_grad():
-        logits = model(win).logits[:, :-1]
+        logits = model(win).logits[:, :-1].double()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), win[:, 1:])
+    assert math.isclose(dense["perplexity"], math.exp(float(nll)), rel_tol=1e-6)
     assert dense["accuracy"] == pytest.approx(float((logits.argmax(-1) == win[:, 1:]).float().mean()))
 
 
@@ -265,13 +265,13 @@ def test_run_hybrid_experiment_end_to_end_and_resume(standin, tmp_path, monkeypa
         assert r["energy"] == pytest.approx(x @ H @ x, rel=1e-12)
     dense = ev[ev["method"] == "dense"].iloc[0]
     row = ev[(ev["budget"] == "mamba:1+moe:1") & (ev["method"] == "cbo:0")].iloc[0]
-    direct = evaluate_windows(model, win, removed=[int(b) for b in row["removed_blocks"].split()])
+    direct = perplexity(model, win, removed=[int(b) for b in row["removed_blocks"].split()])
     assert row["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-9)
     assert row["ppl_retention"] == pytest.approx(dense["perplexity"] / row["perplexity"], rel=1e-9)
     assert row["accuracy_retention"] == pytest.approx(row["accuracy"] / dense["accuracy"], rel=1e-9)
     assert st[st["rerank_pick"]].groupby("budget").size().eq(1).all()
     # resume: nothing is measured again
-    monkeypatch.setattr(hybrid, "evaluate_windows", lambda *a, **k: pytest.fail("re-evaluated a finished row"))
+    monkeypatch.setattr(hybrid, "perplexity", lambda *a, **k: pytest.fail("re-evaluated a finished row"))
     res2 = run_hybrid_experiment(model, tok, calib, win, budgets, **kw)
     assert len(res2["evaluations"]) == len(ev)
 
@@ -445,7 +445,7 @@ def test_command_line_runs_a_profile(tmp_path, monkeypatch, capsys):
     assert hybrid.main(["--profile", str(profile), "--results", str(tmp_path / "res"), "--quiet"]) == 0
     out = tmp_path / "res" / "hybrid"
     assert (out / "hybrid.md").read_text().startswith("**STAND-IN MODEL")
-    ev = hybrid._read_table(out / "hybrid_evaluations.csv")
+    ev = hybrid._read_evaluations(out / "hybrid_evaluations.csv")
     assert set(ev["budget"]) == {"", "moe:1", "attention:1+mamba:1"} and ev["stand_in"].all()
     assert (ev["eval_source"].str.contains("SciQ held-out")).all()
     assert "CBO:0 (ground state)" in capsys.readouterr().out

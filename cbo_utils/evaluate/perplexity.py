@@ -35,20 +35,24 @@ def perplexity_windows(tokenizer, texts: Sequence[str], seq_len: int = 256, wind
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4, removed: Sequence[int] | None = None) -> dict:
-    """Perplexity of ``model`` on pre-cut ``windows``; with ``removed`` the model is evaluated gated (α = 0 on
-    those blocks), which must equal the physically pruned model."""
+    """Perplexity and next-token top-1 accuracy of ``model`` on pre-cut ``windows`` (every position after the first
+    is predicted; float64 accumulation). With ``removed`` the model is evaluated gated (α = 0 on those blocks), which
+    must equal the physically pruned model."""
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be a (n, seq_len ≥ 2) tensor of token ids, got shape {tuple(windows.shape)}")
     dev = model_device(model)
-    nll, count = 0.0, 0
+    nll, correct, count = 0.0, 0, 0
     with contextlib.ExitStack() as stack:
         if removed:
             gates = stack.enter_context(Gates(model))
-            stack.enter_context(gates.removed(removed))
+            stack.enter_context(gates.removed(list(removed)))
         for i in range(0, windows.shape[0], batch_size):
             x = windows[i:i + batch_size].to(dev)
-            logits = model(input_ids=x).logits[:, :-1]
+            logits = model(input_ids=x, use_cache=False).logits[:, :-1]
             logits = logits if logits.dtype == torch.float64 else logits.float()
-            loss = F.cross_entropy(logits.transpose(1, 2), x[:, 1:].to(logits.device), reduction="sum")
-            nll += float(loss.double())
-            count += x[:, 1:].numel()
-    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count,
+            target = x[:, 1:].to(logits.device)
+            nll += float(F.cross_entropy(logits.transpose(1, 2), target, reduction="sum").double())
+            correct += int((logits.argmax(-1) == target).sum())
+            count += target.numel()
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "accuracy": correct / count, "tokens": count,
             "seq_len": int(windows.shape[1]), "windows": int(windows.shape[0])}

@@ -26,10 +26,8 @@ influence. This module provides
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -40,7 +38,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from cbo_utils.calibration import OPENHERMES, CalibrationSet, embedded, from_hf_dataset, heldout_text, load_calibration
 from cbo_utils.core.artifacts import (
@@ -53,11 +50,12 @@ from cbo_utils.core.artifacts import (
     write_sidecar,
 )
 from cbo_utils.core.profiles import profile_with, results_dir
-from cbo_utils.evaluate.perplexity import perplexity_windows
+from cbo_utils.core.tables import markdown_table, read_table, upsert_rows
+from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
 from cbo_utils.evaluate.reasoning import evaluate_reasoning
 from cbo_utils.gradients import GRADIENTS_FILE, collect_gate_gradients, load_gradients
-from cbo_utils.model.blocks import PATTERN_LETTER, Gates, block_types
-from cbo_utils.model.load import load_model, model_device
+from cbo_utils.model.blocks import PATTERN_LETTER, block_types
+from cbo_utils.model.load import load_model
 from cbo_utils.model.standin import (
     NANO_MODEL_ID,
     NANO_PATTERN,
@@ -126,32 +124,6 @@ def block_influence_by_type(model, calibration, budget: Mapping[str, int] | str,
                            "keep": sorted(keep)})
 
 
-@torch.no_grad()
-def evaluate_windows(model, windows: torch.Tensor, removed: Sequence[int] | None = None, batch_size: int = 8
-                     ) -> dict[str, float]:
-    """Perplexity and next-token top-1 accuracy of ``model`` on pre-cut ``windows`` (every position after the first
-    is predicted; float64 accumulation, the policy of :mod:`cbo_utils.evaluate.perplexity`). With ``removed`` the model is
-    evaluated gated (α = 0 on those blocks), which equals the physically pruned model."""
-
-    if windows.dim() != 2 or windows.shape[1] < 2:
-        raise ValueError(f"windows must be a (n, seq_len ≥ 2) tensor of token ids, got shape {tuple(windows.shape)}")
-    dev = model_device(model)
-    nll, correct, count = 0.0, 0, 0
-    with contextlib.ExitStack() as stack:
-        if removed:
-            gates = stack.enter_context(Gates(model))
-            stack.enter_context(gates.removed(list(removed)))
-        for i in range(0, windows.shape[0], batch_size):
-            x = windows[i:i + batch_size].to(dev)
-            logits = model(input_ids=x, use_cache=False).logits[:, :-1]
-            logits = logits if logits.dtype == torch.float64 else logits.float()
-            target = x[:, 1:].to(logits.device)
-            nll += float(F.cross_entropy(logits.transpose(1, 2), target, reduction="sum").double())
-            correct += int((logits.argmax(-1) == target).sum())
-            count += target.numel()
-    return {"perplexity": math.exp(nll / count), "nll": nll / count, "accuracy": correct / count, "tokens": count}
-
-
 def _model_fingerprint(model) -> str:
     """A cheap identity of the weights (names, shapes and the values of the first and last two tensors)."""
     h = hashlib.sha256()
@@ -192,30 +164,16 @@ _NUMBER_COLUMNS = ("perplexity", "accuracy", "energy", "rank", "ppl_retention", 
                    "rerank_ce", "tokens", "seconds", "selection_seconds")
 
 
-def _read_table(path: Path) -> pd.DataFrame:
-    """An evaluations table with its text columns kept as text ("12" stays "12", never 12.0)."""
-    if not path.is_file():
-        return pd.DataFrame()
-    return pd.read_csv(path, dtype={c: str for c in _TEXT_COLUMNS}, keep_default_na=False,
-                       na_values={c: [""] for c in _NUMBER_COLUMNS})
+def _read_evaluations(path: Path) -> pd.DataFrame:
+    """The evaluations table with its text columns kept as text ("12" stays "12", never 12.0)."""
+    return read_table(path, text_columns=_TEXT_COLUMNS, number_columns=_NUMBER_COLUMNS)
 
 
-def _upsert(path: Path, rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """Add ``rows`` to the evaluations CSV, replacing rows with the same :data:`EVAL_KEY`; atomic write."""
-    old = _read_table(path)
-    new = pd.DataFrame([dict(r) for r in rows])
-    cols = list(dict.fromkeys(EVAL_COLUMNS + list(old.columns) + list(new.columns)))
-    both = (pd.concat([old.reindex(columns=cols), new.reindex(columns=cols)], ignore_index=True) if len(old)
-            else new.reindex(columns=cols))
-    for c in ("stand_in", "rerank_pick"):  # booleans stay True/False through the CSV round trips
-        if c in both:
-            both[c] = both[c].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) or v == ""
-                                  else str(v).strip().lower() in ("true", "1", "1.0"))
-    key = both[EVAL_KEY].fillna("").astype(str).agg("|".join, axis=1)
-    out = both[~key.duplicated(keep="last")].reset_index(drop=True)
-    out["rank"] = pd.to_numeric(out["rank"], errors="coerce").astype("Int64")
-    atomic_write_text(path, out.to_csv(index=False, float_format="%.17g", lineterminator="\n"))
-    return out
+def _add_evaluations(path: Path, rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Add ``rows`` to the evaluations CSV, replacing rows with the same :data:`EVAL_KEY`."""
+    return upsert_rows(path, rows, EVAL_COLUMNS, EVAL_KEY, require_columns=False, text_columns=_TEXT_COLUMNS,
+                       number_columns=_NUMBER_COLUMNS, bool_columns=("stand_in", "rerank_pick"),
+                       int_columns=("rank",), float_format="%.17g")
 
 
 def _removed_types(types: Sequence[str], blocks: Sequence[int]) -> str:
@@ -245,7 +203,7 @@ def run_hybrid_experiment(model, tokenizer, calibration, eval_texts_or_windows, 
     3. **block influence** — :func:`block_influence_by_type` per budget, one-shot and/or iterative
        (``block_influence``), on the calibration windows (plus ``rerank_calibration``: every method sees the same
        tokens).
-    4. **evaluate** — perplexity and next-token top-1 accuracy (:func:`evaluate_windows`) on held-out windows
+    4. **evaluate** — perplexity and next-token top-1 accuracy (:func:`cbo_utils.evaluate.perplexity.perplexity`) on held-out windows
        (``eval_texts_or_windows``: a ``(n, seq_len)`` tensor, or texts cut by
        :func:`cbo_utils.evaluate.perplexity.perplexity_windows` into ``eval_windows × eval_seq_len``) of the dense model, every
        state (method ``cbo:<rank>``) and every BI selection, on the gated model (α = 0 on removed blocks, equal to
@@ -330,7 +288,7 @@ def run_hybrid_experiment(model, tokenizer, calibration, eval_texts_or_windows, 
 
     # ---- 3./4. evaluations (resumable)
     eval_path = out_dir / EVALUATIONS_FILE
-    old = _read_table(eval_path)
+    old = _read_evaluations(eval_path)
     if len(old):
         stale = (old["model"].astype(str) == model_name) & ((old["model_fingerprint"].astype(str) != fingerprint) |
                                                              (old["eval_id"].astype(str) != eval_id))
@@ -343,7 +301,7 @@ def run_hybrid_experiment(model, tokenizer, calibration, eval_texts_or_windows, 
 
     def done_row(budget: str, method: str, removed: str | None = None) -> dict | None:
         """The recorded evaluation of (budget, method[, removed blocks]) for these weights and windows, or None."""
-        tab = _read_table(eval_path)
+        tab = _read_evaluations(eval_path)
         if not len(tab):
             return None
         sel = tab[(tab["model"].astype(str) == model_name) & (tab["model_fingerprint"].astype(str) == fingerprint)
@@ -356,7 +314,7 @@ def run_hybrid_experiment(model, tokenizer, calibration, eval_texts_or_windows, 
     def measure(budget: str, method: str, removed: list[int], extra: dict) -> dict:
         """Evaluate one removal (gated), add retentions, append the row to the table at once."""
         t0 = time.perf_counter()
-        r = evaluate_windows(model, windows, removed=removed or None, batch_size=eval_batch_size)
+        r = perplexity(model, windows, removed=removed or None, batch_size=eval_batch_size)
         row = {**base, "budget": budget, "method": method, "removed_blocks": format_blocks(removed),
                "removed_types": _removed_types(types, removed), "perplexity": r["perplexity"],
                "accuracy": r["accuracy"], "nll": r["nll"], "tokens": r["tokens"],
@@ -364,7 +322,7 @@ def run_hybrid_experiment(model, tokenizer, calibration, eval_texts_or_windows, 
         if dense is not None:
             row["ppl_retention"] = dense["perplexity"] / r["perplexity"]
             row["accuracy_retention"] = r["accuracy"] / dense["accuracy"] if dense["accuracy"] > 0 else float("nan")
-        _upsert(eval_path, [row])
+        _add_evaluations(eval_path, [row])
         return row
 
     dense = None
@@ -403,7 +361,7 @@ def run_hybrid_experiment(model, tokenizer, calibration, eval_texts_or_windows, 
             continue
         measure(label, method, removed, extra)
 
-    evaluations = _read_table(eval_path)
+    evaluations = _read_evaluations(eval_path)
     evaluations = evaluations[(evaluations["model"].astype(str) == model_name)
                               & (evaluations["model_fingerprint"].astype(str) == fingerprint)
                               & (evaluations["eval_id"].astype(str) == eval_id)].reset_index(drop=True)
@@ -431,15 +389,6 @@ def removed_energy(Q: np.ndarray, const: float, removed: Sequence[int]) -> float
     x = np.zeros(Q.shape[0])
     x[list(removed)] = 1.0
     return float(x @ Q @ x + const)
-
-
-def _fmt(x, digits: int = 4) -> str:
-    """A table cell: ``—`` for missing values, ``digits`` significant digits for floats."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "—"
-    if isinstance(x, (float, np.floating)):
-        return f"{x:.{digits}g}"
-    return str(x)
 
 
 def summary_table(evaluations: pd.DataFrame, states: pd.DataFrame) -> pd.DataFrame:
@@ -482,14 +431,6 @@ def summary_table(evaluations: pd.DataFrame, states: pd.DataFrame) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-def _markdown(df: pd.DataFrame) -> str:
-    """A DataFrame as a Markdown table (cells through :func:`_fmt`)."""
-    head = "| " + " | ".join(map(str, df.columns)) + " |"
-    sep = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join(_fmt(x) for x in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join([head, sep, *body])
-
-
 def write_hybrid_report(out_dir, evaluations: pd.DataFrame, states: pd.DataFrame, *, model_name: str, stand_in: bool,
                         settings: Mapping[str, Any], notes: Sequence[str] = ()) -> Path:
     """Write ``hybrid.md``: a stand-in warning as the FIRST line when ``stand_in``, the settings, one table per
@@ -524,7 +465,7 @@ def write_hybrid_report(out_dir, evaluations: pd.DataFrame, states: pd.DataFrame
     for label in dict.fromkeys(states["budget"]):
         sub = tab[tab["budget"] == label].drop(columns=["budget"])
         n_states = states[states["budget"] == label]["n_states"].iloc[0]
-        lines += [f"## Budget `{label}` ({n_states:,} feasible states)", "", _markdown(sub), ""]
+        lines += [f"## Budget `{label}` ({n_states:,} feasible states)", "", markdown_table(sub), ""]
     rho_rows = []
     ev = evaluations[evaluations["method"].astype(str).str.startswith("cbo:")]
     for label, grp in ev.groupby("budget", sort=False):
@@ -537,7 +478,7 @@ def write_hybrid_report(out_dir, evaluations: pd.DataFrame, states: pd.DataFrame
     if rho_rows:
         lines += ["## Energy vs held-out quality over each budget's k lowest states", "",
                   "A useful energy has a positive ρ with log perplexity and a negative ρ with accuracy.", "",
-                  _markdown(pd.DataFrame(rho_rows)), ""]
+                  markdown_table(pd.DataFrame(rho_rows)), ""]
     if stand_in:
         lines += ["_Every row above comes from the stand-in model (column `stand_in` = True in the CSV tables). "
                   f"The paper's Nemotron result (Fig. 5, v1: {NANO_MODEL_ID}-FP8, 2 / 3 MoE blocks removed, GPQA and "

@@ -58,7 +58,7 @@ from cbo_utils.solvers.heuristics import solve
 from cbo_utils.solvers.instances import Instance, gradients_instance, synthetic_instance, zenodo_instances
 from cbo_utils.solvers.states import read_states_csv, states_blocks, write_states_csv
 
-__all__ = ["run_benchmark", "markdown_table", "read_benchmark", "COLUMNS", "MEASURED_COLUMNS", "DERIVED_COLUMNS",
+__all__ = ["run_benchmark", "benchmark_markdown", "read_benchmark", "COLUMNS", "MEASURED_COLUMNS", "DERIVED_COLUMNS",
            "SOLVER_NAMES", "CSV_NAME", "MD_NAME", "main"]
 
 CSV_NAME = "solver_benchmark.csv"
@@ -281,7 +281,7 @@ def _fmt_count(v) -> str:
     return f"{int(v):,}" if v < 1e7 else f"{v:.3g}"
 
 
-def markdown_table(df: pd.DataFrame) -> str:
+def benchmark_markdown(df: pd.DataFrame) -> str:
     """The benchmark as a markdown document: a short legend and one table line per row of ``df``."""
     head = ["instance", "N", "M", "solver", "seed", "C(N,M)", "energy", "gap", "rel. gap", "ref.", "cert. gap",
             "proven", "in top-k", "distinct", "time (s)", "device"]
@@ -454,7 +454,7 @@ def run_benchmark(instances: Iterable[Instance | tuple[str, Any]], M_values: Seq
         record = _sidecar_record(params, insts, previous, bound_status, len(df))
         atomic_write_text(csv_path, _csv_text(df))
         write_sidecar(csv_path, record)
-        atomic_write_text(md_path, markdown_table(df))
+        atomic_write_text(md_path, benchmark_markdown(df))
         write_sidecar(md_path, record)
         return df
 
