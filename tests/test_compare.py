@@ -2,6 +2,8 @@
 
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -123,3 +125,21 @@ def test_bad_settings():
         compare.compare_settings({"compare": {"variants": ["nope"]}})
     with pytest.raises(ValueError, match="rerank_samples"):
         compare.compare_settings({"compare": {"samples": 4, "rerank_samples": 4}})
+
+
+@pytest.mark.parametrize("section,bad,where", [
+    ({"compare": {"sampels": 4}}, "sampels", "compare"),
+    ({"compare": {"spearman": {"lowst": 3}}}, "lowst", "compare.spearman"),
+    ({"compare": {"spearman": {"zero_shot": {"task": ["piqa"]}}}}, "task", "compare.spearman.zero_shot"),
+])
+def test_every_compare_section_refuses_unknown_keys_naming_the_allowed(section, bad, where):
+    with pytest.raises(ValueError, match=rf"unknown {re.escape(where)} setting\(s\) \['{bad}'\]; allowed: \["):
+        compare.compare_settings(section)
+
+
+def test_profile_top_level_keys_are_checked(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text((Path(compare.__file__).parents[1] / "configs" / "tiny.yaml").read_text() + "sovler: sa\n")
+    with pytest.raises(ValueError, match=r"unknown profile \(mine.yaml\) setting\(s\) \['sovler'\]; allowed: "):
+        load_profile(str(p))
+    assert load_profile("tiny")["profile"] == "tiny"  # the packaged profiles pass

@@ -78,7 +78,7 @@ def test_batch_plan_is_deterministic_and_covers_epochs():
     assert len(batch_plan(10, DistillConfig(batch_size=4, epochs=2.0, max_steps=3))) == 3
     with pytest.raises(ValueError, match="batch_size"):
         batch_plan(3, cfg)
-    with pytest.raises(ValueError, match="unknown retrain settings"):
+    with pytest.raises(ValueError, match=r"unknown retrain.train setting"):
         DistillConfig.from_dict({"learning_rate": 1})
 
 

@@ -287,7 +287,7 @@ def test_hybrid_settings_defaults_and_validation():
     paper = hybrid_settings({"profile": "paper"})
     assert paper["model"].startswith("nvidia/") and paper["budgets"] == [{"attention": 2}, {"moe": 2}, {"moe": 3}]
     assert paper["calibration"] == "openhermes" and paper["calibration_max_length"] == 6000 and paper["k"] == 20
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match=r"unknown hybrid setting\(s\) \[.kk.\]; allowed"):
         hybrid_settings({"hybrid": {"kk": 1}})
     with pytest.raises(ValueError, match="eval_source"):
         hybrid_settings({"hybrid": {"eval_source": "wiki"}})

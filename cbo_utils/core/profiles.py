@@ -27,12 +27,22 @@ def profile_path(name_or_path: str) -> Path:
     return Path(str(CONFIGS / f"{name_or_path}.yaml"))
 
 
+#: the top-level keys of a profile (the sections ``compare``, ``retrain``, ``hybrid`` check their own keys)
+PROFILE_KEYS = ("profile", "models", "dtype", "calibration", "samples", "max_tokens", "exact_hessian_samples",
+                "M_values", "k", "solver", "bound", "energy", "seed", "device_map", "compare", "retrain", "hybrid")
+
+
 def load_profile(name_or_path: str) -> dict:
+    """A profile (packaged name or YAML path) as a dict; unknown top-level keys are errors."""
     p = profile_path(name_or_path)
     if not p.is_file():
         raise FileNotFoundError(f"no profile {name_or_path!r} ({p}); choose one of {', '.join(profile_names())} "
                                 "or give the path of a YAML file")
-    return yaml.safe_load(p.read_text())
+    cfg = yaml.safe_load(p.read_text())
+    if not isinstance(cfg, dict):
+        raise ValueError(f"the profile {p} must be a YAML mapping of settings, got {type(cfg).__name__}")
+    check_keys(f"profile ({p.name})", cfg, PROFILE_KEYS)
+    return cfg
 
 
 def profile_with(profile: str, section: str, override=None) -> dict:

@@ -37,7 +37,7 @@ import pandas as pd
 
 from cbo_utils.calibration import heldout_text, load_calibration
 from cbo_utils.core.artifacts import atomic_write_text, format_blocks, parse_blocks, read_json, write_json
-from cbo_utils.core.profiles import m_values, profile_with, results_dir, slug
+from cbo_utils.core.profiles import check_keys, m_values, profile_with, results_dir, slug
 from cbo_utils.core.tables import add_evaluations, add_selections, markdown_table, upsert_rows
 from cbo_utils.evaluate.efficiency import measure_checkpoint
 from cbo_utils.evaluate.lmeval import ZERO_SHOT_METRIC, evaluate_tasks, zero_shot_mean
@@ -69,16 +69,22 @@ DEFAULTS: dict[str, Any] = {
     "random_seeds": [0, 1, 2],
     "variants": list(CBO_VARIANTS), "default": DEFAULT_VARIANT, "exact_hessian_samples": 0,
     "points_per_sample": 2,
-    "spearman": {"lowest": 30, "random": 20, "variants": ["cbo-paper", "cbo-taylor", "cbo-sd"], "ppl_windows": 8},
+    "spearman": {"lowest": 30, "random": 20, "variants": ["cbo-paper", "cbo-taylor", "cbo-sd"], "ppl_windows": 8,
+                 "zero_shot": None},
     "zero_shot_methods": "all",
     "threads": None, "models": None, "M_values": None,
 }
 
 
 def compare_settings(cfg: dict) -> dict:
-    """The profile's ``compare:`` section over :data:`DEFAULTS`, validated."""
-    s = {**DEFAULTS, **(cfg.get("compare") or {})}
+    """The profile's ``compare:`` section over :data:`DEFAULTS`, validated (unknown keys are errors)."""
+    given = dict(cfg.get("compare") or {})
+    check_keys("compare", given, DEFAULTS)
+    s = {**DEFAULTS, **given}
+    check_keys("compare.spearman", s.get("spearman") or {}, DEFAULTS["spearman"])
     s["spearman"] = {**DEFAULTS["spearman"], **(s.get("spearman") or {})}
+    if s["spearman"]["zero_shot"] is not None:
+        check_keys("compare.spearman.zero_shot", s["spearman"]["zero_shot"], ("tasks", "limit", "M"))
     unknown = [v for v in s["variants"] if v not in CBO_VARIANTS]
     if unknown:
         raise ValueError(f"unknown CBO variants {unknown} in the profile; choose from {sorted(CBO_VARIANTS)}")

