@@ -14,6 +14,7 @@ pass still yields per-sample rows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -171,10 +172,6 @@ def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], 
     pad = pad_token_id if pad_token_id is not None else (getattr(model.config, "pad_token_id", None) or 0)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     mine = list(range(rank, m, world))
-    was_training = model.training
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()  # HF only checkpoints in training mode; the supported models have no active dropout here
     rows = torch.zeros((len(mine), N), dtype=torch.float64)
     losses = torch.zeros(len(mine), dtype=torch.float64)
     ckpt = Path(f"{checkpoint}.rank{rank}-of-{world}.safetensors") if checkpoint else None
@@ -183,24 +180,13 @@ def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], 
     t0 = time.perf_counter()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    gates = Gates(model, adapter=adapter).attach()
-    try:
+    with _checkpointing(model, gradient_checkpointing), Gates(model, adapter=adapter) as gates:
         bar = tqdm(total=len(mine), initial=start, desc="gate gradients", unit="sample",
                    disable=not progress or rank != 0)
         pos, last_saved = start, start
         for idx in _batches(mine[start:], batch_size):
-            ids, att, msk = collate_samples(samples, idx, dev, pad, response_only)
-            alpha = torch.ones((len(idx), N), dtype=torch.float32, device=dev)
-            alpha[:, removed] = 0.0
-            if points is not None:
-                for r, i in enumerate(idx):
-                    alpha[r, points[i]] = 0.0
-            alpha.requires_grad_(True)
-            gates.alpha = alpha
-            loss = sample_loss(model, ids, msk, att)
-            (grad,) = torch.autograd.grad(loss.sum(), alpha)
-            rows[pos:pos + len(idx)] = grad.double().cpu()
-            losses[pos:pos + len(idx)] = loss.detach().double().cpu()
+            rows[pos:pos + len(idx)], losses[pos:pos + len(idx)] = _gate_gradient_batch(
+                model, gates, samples, idx, N, removed, points, dev, pad, response_only)
             pos += len(idx)
             bar.update(len(idx))
             if ckpt and pos - last_saved >= checkpoint_every and pos < len(mine):
@@ -216,11 +202,6 @@ def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], 
             H_exact = exact_gate_hessian(model, [samples[i] for i in hess_idx], gates=gates,
                                          response_only=response_only, progress=progress and rank == 0)
             t_hess = time.perf_counter() - t1
-    finally:
-        gates.detach()
-        if gradient_checkpointing:
-            model.gradient_checkpointing_disable()
-        model.train(was_training)
 
     if world > 1:
         rows, losses = _gather_rows(accelerator, rows, losses, m)
@@ -246,6 +227,39 @@ def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], 
     if isinstance(calibration, CalibrationSet):
         meta["calibration"] = calibration.describe()
     return GradientResult.from_A(A, H_exact=H_exact, meta=meta)
+
+
+@contextlib.contextmanager
+def _checkpointing(model, enabled: bool):
+    """Activation checkpointing for the duration (HF checkpoints only in training mode; the supported models have
+    no active dropout there); the training mode is restored afterwards."""
+    was_training = model.training
+    if enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    try:
+        yield
+    finally:
+        if enabled:
+            model.gradient_checkpointing_disable()
+        model.train(was_training)
+
+
+def _gate_gradient_batch(model, gates: Gates, samples, idx: Sequence[int], N: int, removed: Sequence[int],
+                         points, dev, pad: int, response_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample gate gradients (B × N, float64) and losses of the samples ``idx``, each at its own gates (α = 0
+    on ``removed`` and on the sample's random point)."""
+    ids, att, msk = collate_samples(samples, idx, dev, pad, response_only)
+    alpha = torch.ones((len(idx), N), dtype=torch.float32, device=dev)
+    alpha[:, removed] = 0.0
+    if points is not None:
+        for r, i in enumerate(idx):
+            alpha[r, points[i]] = 0.0
+    alpha.requires_grad_(True)
+    gates.alpha = alpha
+    loss = sample_loss(model, ids, msk, att)
+    (grad,) = torch.autograd.grad(loss.sum(), alpha)
+    return grad.double().cpu(), loss.detach().double().cpu()
 
 
 def _random_points(N: int, m: int, removed: Sequence[int], random_removal, points_per_sample: int, seed: int

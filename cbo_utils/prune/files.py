@@ -13,6 +13,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from cbo_utils.core.artifacts import (
     atomic_folder,
     atomic_write_text,
@@ -169,10 +172,6 @@ def prune_checkpoint_files(src_dir, remove, out_dir, *, overwrite: bool = False,
 
     The folder is written under a temporary name and renamed at the end.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-
     src, out_dir = Path(src_dir), Path(out_dir)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src} has no config.json: give a save_pretrained checkpoint folder")
@@ -185,19 +184,39 @@ def prune_checkpoint_files(src_dir, remove, out_dir, *, overwrite: bool = False,
     remove = check_indices(parse_blocks(remove) if isinstance(remove, str) else remove, n, types, hybrid,
                            what="the checkpoint")
     kept = [i for i in range(n) if i not in set(remove)]
-    new_of = {old: new for new, old in enumerate(kept)}
+    index, shards = _source_shards(src)
+    names_by_shard, prefix = _block_stack(src, shards, n)
+    rename = _renamer(prefix, kept)
+    new_config, cfg_rec = prune_config_dict(config, kept, n, remove)
+    with atomic_folder(out_dir) as tmp:
+        written = _write_shards(src, tmp, shards, names_by_shard, rename, index)
+        write_json(tmp / "config.json", new_config)
+        quant_rec, skipped = _copy_other_files(src, tmp, set(shards), kept, n)
+        record = removal_record(
+            remove, types, method=method, energy=energy, source=source or str(src),
+            parameters=written["parameters"], kind="pruned_checkpoint_files", inputs={"config": src / "config.json"},
+            extra=extra, pruned_from_files=True, tensor_prefix=prefix, tensors_dropped=written["dropped"],
+            shards=written["shards"], config_rewrite=cfg_rec, hf_quant_config=quant_rec, skipped_files=skipped)
+        write_json(tmp / "removed_blocks.json", record)
+        atomic_write_text(tmp / "README.md", model_card(record, (config.get("architectures") or ["?"])[0]))
+    return out_dir
 
+
+def _source_shards(src: Path) -> tuple[dict | None, list[str]]:
+    """The safetensors index (None for a single file) and the shard file names of a checkpoint folder."""
     if (src / _INDEX).is_file():
         index = read_json(src / _INDEX)
-        weight_map: dict[str, str] = index["weight_map"]
-        shards = list(dict.fromkeys(sorted(weight_map.values())))
-    elif (src / _SINGLE).is_file():
-        index, weight_map, shards = None, None, [_SINGLE]
-    else:
-        found = sorted(p.name for p in src.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
-        raise FileNotFoundError(f"{src} has no model.safetensors or {_INDEX}" + (
-            f" (found {found}: pickled weights are never read; convert them to safetensors first)" if found else ""))
+        return index, list(dict.fromkeys(sorted(index["weight_map"].values())))
+    if (src / _SINGLE).is_file():
+        return None, [_SINGLE]
+    found = sorted(p.name for p in src.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+    raise FileNotFoundError(f"{src} has no model.safetensors or {_INDEX}" + (
+        f" (found {found}: pickled weights are never read; convert them to safetensors first)" if found else ""))
 
+
+def _block_stack(src: Path, shards: Sequence[str], n: int) -> tuple[dict[str, list[str]], str]:
+    """The tensor names of every shard, and the prefix of the block stack: the one ``<prefix>.layers`` whose
+    indices are exactly 0..n−1 (other numbered stacks such as NemotronH's ``mtp.layers`` are not it)."""
     names_by_shard: dict[str, list[str]] = {}
     for shard in shards:
         with safe_open(str(src / shard), framework="pt") as f:
@@ -212,78 +231,83 @@ def prune_checkpoint_files(src_dir, remove, out_dir, *, overwrite: bool = False,
     if len(main_prefixes) != 1:
         raise ValueError(f"cannot find the block stack in the tensor names: the config says {n} blocks but the "
                          f"numbered prefixes are { {p: (min(i), max(i), len(i)) for p, i in prefixes.items()} }")
-    prefix = main_prefixes[0]
+    return names_by_shard, main_prefixes[0]
+
+
+def _renamer(prefix: str, kept: Sequence[int]):
+    """``name → name in the pruned checkpoint`` (None when its layer is removed; other tensors unchanged)."""
+    new_of = {old: new for new, old in enumerate(kept)}
 
     def rename(name: str) -> str | None:
-        """The tensor's name in the pruned checkpoint, or None when its layer is removed."""
         m = _LAYER_NAME.match(name)
         if not m or m.group(1) != prefix:
             return name
         i = int(m.group(2))
         return None if i not in new_of else f"{prefix}.{new_of[i]}.{m.group(3)}"
 
-    new_config, cfg_rec = prune_config_dict(config, kept, n, remove)
-    with atomic_folder(out_dir) as tmp:
-        written: list[tuple[str, dict[str, str]]] = []  # (temporary shard name, {new tensor name: shard})
-        total_size = total_params = 0
-        n_dropped = 0
-        for j, shard in enumerate(shards):
-            tensors, meta = {}, None
-            with safe_open(str(src / shard), framework="pt") as f:
-                meta = f.metadata()
-                for name in names_by_shard[shard]:
-                    new = rename(name)
-                    if new is None:
-                        n_dropped += 1
-                        continue
-                    t = f.get_tensor(name)
-                    tensors[new] = t
-                    total_size += t.numel() * t.element_size()
-                    total_params += t.numel()
-            if tensors:
-                part = f".part-{j:05d}.safetensors"
-                save_file(tensors, str(tmp / part), metadata=meta)
-                written.append((part, {name: part for name in tensors}))
-        if index is None:
-            os.replace(tmp / written[0][0], tmp / _SINGLE)
-            final_shards = [_SINGLE]
+    return rename
+
+
+def _write_shards(src: Path, tmp: Path, shards: Sequence[str], names_by_shard: Mapping[str, list[str]], rename,
+                  index: dict | None) -> dict[str, Any]:
+    """Write the kept tensors, renamed, shard by shard into ``tmp`` (dtypes and per-shard metadata kept; shards that
+    become empty dropped and the rest renumbered; the index rewritten). Returns the shard names, the parameter
+    count and the number of tensors dropped."""
+    written: list[tuple[str, list[str]]] = []  # (temporary shard name, its new tensor names)
+    total_size = total_params = n_dropped = 0
+    for j, shard in enumerate(shards):
+        tensors = {}
+        with safe_open(str(src / shard), framework="pt") as f:
+            meta = f.metadata()
+            for name in names_by_shard[shard]:
+                new = rename(name)
+                if new is None:
+                    n_dropped += 1
+                    continue
+                t = f.get_tensor(name)
+                tensors[new] = t
+                total_size += t.numel() * t.element_size()
+                total_params += t.numel()
+        if tensors:
+            part = f".part-{j:05d}.safetensors"
+            save_file(tensors, str(tmp / part), metadata=meta)
+            written.append((part, list(tensors)))
+    if index is None:
+        os.replace(tmp / written[0][0], tmp / _SINGLE)
+        return {"shards": [_SINGLE], "parameters": total_params, "dropped": n_dropped}
+    same = len(written) == len(shards)
+    kept_src = [s for s in shards if any(rename(x) is not None for x in names_by_shard[s])]
+    final_shards, new_map = [], {}
+    for j, (part, names) in enumerate(written):
+        final = kept_src[j] if same else f"model-{j + 1:05d}-of-{len(written):05d}.safetensors"
+        os.replace(tmp / part, tmp / final)
+        final_shards.append(final)
+        new_map.update({name: final for name in names})
+    meta_idx = dict(index.get("metadata") or {})
+    meta_idx["total_size"] = total_size
+    if "total_parameters" in meta_idx:
+        meta_idx["total_parameters"] = total_params
+    write_json(tmp / _INDEX, {"metadata": meta_idx, "weight_map": dict(sorted(new_map.items()))})
+    return {"shards": final_shards, "parameters": total_params, "dropped": n_dropped}
+
+
+def _copy_other_files(src: Path, tmp: Path, shards: set[str], kept: Sequence[int], n: int
+                      ) -> tuple[dict | None, list[str]]:
+    """Copy every non-weight file (``hf_quant_config.json`` remapped, the source README kept as
+    ``SOURCE_README.md``); returns the quantisation record and the weight files skipped (never read)."""
+    quant_rec, skipped = None, []
+    for p in sorted(src.iterdir()):
+        if p.name in shards | {_INDEX, "config.json", "removed_blocks.json", "verification.json"}:
+            continue
+        if p.name == "hf_quant_config.json":
+            quant_rec = {}
+            write_json(tmp / p.name, remap_layer_references(read_json(p), kept, n, quant_rec))
+        elif p.suffix in _WEIGHT_SUFFIXES or p.name.endswith(".safetensors"):
+            skipped.append(p.name)
+        elif p.name == "README.md":
+            shutil.copy2(p, tmp / "SOURCE_README.md")
+        elif p.is_dir():
+            shutil.copytree(p, tmp / p.name)
         else:
-            same = len(written) == len(shards)
-            final_shards = []
-            new_map: dict[str, str] = {}
-            kept_src = [s for s in shards if any(rename(x) is not None for x in names_by_shard[s])]
-            for j, (part, names) in enumerate(written):
-                final = kept_src[j] if same else f"model-{j + 1:05d}-of-{len(written):05d}.safetensors"
-                os.replace(tmp / part, tmp / final)
-                final_shards.append(final)
-                new_map.update({name: final for name in names})
-            meta_idx = dict(index.get("metadata") or {})
-            meta_idx["total_size"] = total_size
-            if "total_parameters" in meta_idx:
-                meta_idx["total_parameters"] = total_params
-            write_json(tmp / _INDEX, {"metadata": meta_idx, "weight_map": dict(sorted(new_map.items()))})
-        write_json(tmp / "config.json", new_config)
-        quant_rec = None
-        skipped = []
-        for p in sorted(src.iterdir()):
-            if p.name in set(shards) | {_INDEX, "config.json", "removed_blocks.json", "verification.json"}:
-                continue
-            if p.name == "hf_quant_config.json":
-                quant_rec = {}
-                write_json(tmp / p.name, remap_layer_references(read_json(p), kept, n, quant_rec))
-            elif p.suffix in _WEIGHT_SUFFIXES or p.name.endswith(".safetensors"):
-                skipped.append(p.name)
-            elif p.name == "README.md":
-                shutil.copy2(p, tmp / "SOURCE_README.md")
-            elif p.is_dir():
-                shutil.copytree(p, tmp / p.name)
-            else:
-                shutil.copy2(p, tmp / p.name)
-        record = removal_record(
-            remove, types, method=method, energy=energy, source=source or str(src), parameters=total_params,
-            kind="pruned_checkpoint_files", inputs={"config": src / "config.json"}, extra=extra,
-            pruned_from_files=True, tensor_prefix=prefix, tensors_dropped=n_dropped, shards=final_shards,
-            config_rewrite=cfg_rec, hf_quant_config=quant_rec, skipped_files=skipped)
-        write_json(tmp / "removed_blocks.json", record)
-        atomic_write_text(tmp / "README.md", model_card(record, (config.get("architectures") or ["?"])[0]))
-    return out_dir
+            shutil.copy2(p, tmp / p.name)
+    return quant_rec, skipped
