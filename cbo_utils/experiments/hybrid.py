@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from cbo_utils.calibration import OPENHERMES, CalibrationSet, embedded, from_hf_dataset, heldout_text, load_calibration
 from cbo_utils.core.artifacts import (
@@ -218,30 +219,17 @@ def run_hybrid_experiment(model, tokenizer, calibration, eval_texts_or_windows, 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    budgets_n = [normalise_budget(b) for b in budgets]
-    if not budgets_n:
-        raise ValueError("give at least one budget, e.g. [{'moe': 3}]")
-    labels = [budget_label(b) for b in budgets_n]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"budgets are listed more than once: {labels}")
-    bad_bi = [m for m in block_influence if m not in ("one_shot", "iterative")]
-    if bad_bi:
-        raise ValueError(f"block_influence entries must be 'one_shot' or 'iterative', got {bad_bi}")
-    get_energy(energy)  # refuses an unknown energy, naming the registered ones
     types = block_types(model)
     keep = tuple(sorted(int(b) for b in keep))
-    for b in budgets_n:
-        check_budget(types, b, keep)
+    budgets_n, labels = _checked_budgets(budgets, types, keep, block_influence, energy)
     model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
     model.eval()
     fingerprint = _model_fingerprint(model)
-
     if isinstance(eval_texts_or_windows, torch.Tensor):
         windows = eval_texts_or_windows.to(torch.long)
     else:
         windows = perplexity_windows(tokenizer, list(eval_texts_or_windows), seq_len=eval_seq_len,
                                      windows=eval_windows)
-    eval_id = _windows_id(windows)
     calib_sha = calibration.sha256 if hasattr(calibration, "sha256") else ""
 
     # ---- 1. gradients (cached)
@@ -249,35 +237,14 @@ def run_hybrid_experiment(model, tokenizer, calibration, eval_texts_or_windows, 
     gparams = {"model": model_name, "model_fingerprint": fingerprint, "calibration_sha256": calib_sha,
                "random_removal": list(random_removal) if random_removal else None,
                "points_per_sample": points_per_sample, "seed": seed, "batch_size": gradient_batch_size}
-    if grad_file.is_file() and sidecar_path(grad_file).is_file() and \
-            read_json(sidecar_path(grad_file)).get("parameters") == gparams:
-        grads = load_gradients(grad_file)
-    else:
-        kw = {"random_removal": tuple(random_removal), "points_per_sample": points_per_sample, "seed": seed} \
-            if random_removal else {}
-        grads = collect_gate_gradients(model, calibration, batch_size=gradient_batch_size, progress=progress,
-                                       checkpoint=out_dir / "gradients.partial", **kw)
-        grads.save(grad_file, provenance("gate_gradients", gparams, stand_in=stand_in))
+    grads = _cached_gradients(model, calibration, grad_file, gparams, stand_in=stand_in, progress=progress)
     Q, const = quadratic_form(grads.H.numpy(), energy_gradient(energy, grads.g.numpy()), energy)
 
     # ---- 2. states per budget (cheap and deterministic: always recomputed)
-    state_frames, solver_infos = [], {}
-    for b, label in zip(budgets_n, labels, strict=True):
-        df = exact_lowest_by_type(Q, types, b, k=k, const=const, energy=energy, keep=keep)
-        solver_infos[label] = df.attrs["solver_info"]
-        df.insert(0, "budget", label)
-        df.insert(0, "stand_in", bool(stand_in))
-        df.insert(0, "model", model_name)
-        df["removed_types"] = [_removed_types(types, parse_blocks(s)) for s in df["removed_blocks"]]
-        df["n_states"] = solver_infos[label]["n_states"]
-        if rerank_calibration is not None:
-
-            sets = [parse_blocks(s) for s in df["removed_blocks"]]
-            df["rerank_ce"] = calibration_scores(model, sets, rerank_calibration, "ce", progress=False)
-            pick = int(df.sort_values(["rerank_ce", "rank"]).iloc[0]["rank"])
-            df["rerank_pick"] = df["rank"] == pick
-        state_frames.append(df)
-    states = pd.concat(state_frames, ignore_index=True)
+    states, solver_infos = _states_by_budget(model, Q, const, types, budgets_n, labels, k=k, energy=energy,
+                                             keep=keep, rerank_calibration=rerank_calibration)
+    states.insert(0, "stand_in", bool(stand_in))
+    states.insert(0, "model", model_name)
     states_path = out_dir / STATES_FILE
     atomic_write_text(states_path, states.to_csv(index=False, float_format="%.17g", lineterminator="\n"))
     write_sidecar(states_path, provenance(
@@ -287,68 +254,20 @@ def run_hybrid_experiment(model, tokenizer, calibration, eval_texts_or_windows, 
         note=STANDIN_NOTE if stand_in else None))
 
     # ---- 3./4. evaluations (resumable)
-    eval_path = out_dir / EVALUATIONS_FILE
-    old = _read_evaluations(eval_path)
-    if len(old):
-        stale = (old["model"].astype(str) == model_name) & ((old["model_fingerprint"].astype(str) != fingerprint) |
-                                                             (old["eval_id"].astype(str) != eval_id))
-        if stale.any():
-            print(f"[hybrid] dropping {int(stale.sum())} evaluation rows of other weights or evaluation windows")
-            keep_rows = old[~stale]
-            atomic_write_text(eval_path, keep_rows.to_csv(index=False, lineterminator="\n"))
-    base = {"model": model_name, "stand_in": bool(stand_in), "eval_source": eval_source, "eval_id": eval_id,
-            "model_fingerprint": fingerprint, "calibration_sha256": calib_sha}
-
-    def done_row(budget: str, method: str, removed: str | None = None) -> dict | None:
-        """The recorded evaluation of (budget, method[, removed blocks]) for these weights and windows, or None."""
-        tab = _read_evaluations(eval_path)
-        if not len(tab):
-            return None
-        sel = tab[(tab["model"].astype(str) == model_name) & (tab["model_fingerprint"].astype(str) == fingerprint)
-                  & (tab["eval_id"].astype(str) == eval_id) & (tab["budget"].astype(str) == budget)
-                  & (tab["method"].astype(str) == method)]
-        if removed is not None:
-            sel = sel[sel["removed_blocks"].astype(str) == removed]
-        return sel.iloc[0].to_dict() if len(sel) else None
-
-    def measure(budget: str, method: str, removed: list[int], extra: dict) -> dict:
-        """Evaluate one removal (gated), add retentions, append the row to the table at once."""
-        t0 = time.perf_counter()
-        r = perplexity(model, windows, removed=removed or None, batch_size=eval_batch_size)
-        row = {**base, "budget": budget, "method": method, "removed_blocks": format_blocks(removed),
-               "removed_types": _removed_types(types, removed), "perplexity": r["perplexity"],
-               "accuracy": r["accuracy"], "nll": r["nll"], "tokens": r["tokens"],
-               "seconds": round(time.perf_counter() - t0, 3), **extra}
-        if dense is not None:
-            row["ppl_retention"] = dense["perplexity"] / r["perplexity"]
-            row["accuracy_retention"] = r["accuracy"] / dense["accuracy"] if dense["accuracy"] > 0 else float("nan")
-        _add_evaluations(eval_path, [row])
-        return row
-
-    dense = None
-    dense = done_row("", "dense") or measure("", "dense", [], {"rank": None, "energy": None, "ppl_retention": 1.0,
-                                                                 "accuracy_retention": 1.0})
+    table = _EvaluationTable(out_dir / EVALUATIONS_FILE, model, windows, types, eval_batch_size, {
+        "model": model_name, "stand_in": bool(stand_in), "eval_source": eval_source, "eval_id": _windows_id(windows),
+        "model_fingerprint": fingerprint, "calibration_sha256": calib_sha})
+    table.drop_stale()
+    table.dense = table.done_row("", "dense") or table.measure(
+        "", "dense", [], {"rank": None, "energy": None, "ppl_retention": 1.0, "accuracy_retention": 1.0})
     bi_calib = calibration
     if rerank_calibration is not None:
-
         bi_calib = CalibrationSet(list(calibration) + list(rerank_calibration),
                                   {**getattr(calibration, "recipe", {}), "part": "gradient + re-rank windows"})
-    jobs: list[tuple[str, str, list[int] | None, dict]] = []
-    for b, label in zip(budgets_n, labels, strict=True):
-        sub = states[states["budget"] == label]
-        for _, r in sub.iterrows():
-            jobs.append((label, f"cbo:{int(r['rank'])}", parse_blocks(r["removed_blocks"]),
-                         {"rank": int(r["rank"]), "energy": float(r["energy"]),
-                          **({"rerank_ce": float(r["rerank_ce"]), "rerank_pick": bool(r["rerank_pick"])}
-                             if "rerank_ce" in r else {})}))
-        for kind in block_influence:
-            jobs.append((label, "block_influence" if kind == "one_shot" else "block_influence_iterative", None,
-                         {"budget_dict": b}))
-    from tqdm.auto import tqdm
-
+    jobs = _evaluation_jobs(states, budgets_n, labels, block_influence)
     for label, method, removed, extra in tqdm(jobs, desc="hybrid evaluations", unit="model", disable=not progress):
         if removed is None:  # a block-influence selection: reuse the recorded one when resuming
-            prev = done_row(label, method)
+            prev = table.done_row(label, method)
             if prev is not None and str(prev.get("calibration_sha256")) == calib_sha:
                 continue
             sel = block_influence_by_type(model, bi_calib, extra.pop("budget_dict"), batch_size=bi_batch_size,
@@ -357,14 +276,12 @@ def run_hybrid_experiment(model, tokenizer, calibration, eval_texts_or_windows, 
             extra = {"rank": None, "energy": float(removed_energy(Q, const, removed)),
                      "selection_seconds": round(sel.seconds, 3), "relative_blocks": " ".join(map(str, sel.relative))
                      if sel.relative else ""}
-        elif done_row(label, method, format_blocks(removed)) is not None:
+        elif table.done_row(label, method, format_blocks(removed)) is not None:
             continue
-        measure(label, method, removed, extra)
+        table.measure(label, method, removed, extra)
 
-    evaluations = _read_evaluations(eval_path)
-    evaluations = evaluations[(evaluations["model"].astype(str) == model_name)
-                              & (evaluations["model_fingerprint"].astype(str) == fingerprint)
-                              & (evaluations["eval_id"].astype(str) == eval_id)].reset_index(drop=True)
+    evaluations = table.rows()
+    eval_path = table.path
     write_sidecar(eval_path, provenance(
         "hybrid_evaluations", {"budgets": labels, "k": k, "energy": energy, "eval_source": eval_source,
                                "eval_windows": int(windows.shape[0]), "eval_seq_len": int(windows.shape[1]),
@@ -382,6 +299,130 @@ def run_hybrid_experiment(model, tokenizer, calibration, eval_texts_or_windows, 
                                  notes=notes)
     return {"states": states, "evaluations": evaluations, "gradients": grads,
             "paths": {"states": states_path, "evaluations": eval_path, "report": report, "gradients": grad_file}}
+
+
+def _checked_budgets(budgets, types: Sequence[str], keep: Sequence[int], block_influence: Sequence[str],
+                     energy: str) -> tuple[list[dict[str, int]], list[str]]:
+    """The budgets normalised, and their labels; refuses an empty or repeated list, a budget the model cannot
+    meet, an unknown block-influence kind or energy."""
+    budgets_n = [normalise_budget(b) for b in budgets]
+    if not budgets_n:
+        raise ValueError("give at least one budget, e.g. [{'moe': 3}]")
+    labels = [budget_label(b) for b in budgets_n]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"budgets are listed more than once: {labels}")
+    bad_bi = [m for m in block_influence if m not in ("one_shot", "iterative")]
+    if bad_bi:
+        raise ValueError(f"block_influence entries must be 'one_shot' or 'iterative', got {bad_bi}")
+    get_energy(energy)  # refuses an unknown energy, naming the registered ones
+    for b in budgets_n:
+        check_budget(types, b, keep)
+    return budgets_n, labels
+
+
+def _cached_gradients(model, calibration, grad_file: Path, gparams: dict, *, stand_in: bool, progress: bool):
+    """The gate gradients for ``gparams`` (model fingerprint, calibration, stochastic-depth options): read back from
+    ``grad_file`` when its sidecar records the same parameters, else collected (resumable) and saved."""
+    if grad_file.is_file() and sidecar_path(grad_file).is_file() and \
+            read_json(sidecar_path(grad_file)).get("parameters") == gparams:
+        return load_gradients(grad_file)
+    rr = gparams["random_removal"]
+    kw = {"random_removal": tuple(rr), "points_per_sample": gparams["points_per_sample"], "seed": gparams["seed"]} \
+        if rr else {}
+    grads = collect_gate_gradients(model, calibration, batch_size=gparams["batch_size"], progress=progress,
+                                   checkpoint=grad_file.parent / "gradients.partial", **kw)
+    grads.save(grad_file, provenance("gate_gradients", gparams, stand_in=stand_in))
+    return grads
+
+
+def _states_by_budget(model, Q, const: float, types: Sequence[str], budgets_n, labels, *, k: int, energy: str,
+                      keep: Sequence[int], rerank_calibration=None) -> tuple[pd.DataFrame, dict]:
+    """The ``k`` lowest states of every budget (exact), with their removed types; with ``rerank_calibration`` each
+    state's cross-entropy there and the re-ranking pick. Returns the table and the solver information per budget."""
+    frames, infos = [], {}
+    for b, label in zip(budgets_n, labels, strict=True):
+        df = exact_lowest_by_type(Q, types, b, k=k, const=const, energy=energy, keep=keep)
+        infos[label] = df.attrs["solver_info"]
+        df.insert(0, "budget", label)
+        df["removed_types"] = [_removed_types(types, parse_blocks(s)) for s in df["removed_blocks"]]
+        df["n_states"] = infos[label]["n_states"]
+        if rerank_calibration is not None:
+            sets = [parse_blocks(s) for s in df["removed_blocks"]]
+            df["rerank_ce"] = calibration_scores(model, sets, rerank_calibration, "ce", progress=False)
+            pick = int(df.sort_values(["rerank_ce", "rank"]).iloc[0]["rank"])
+            df["rerank_pick"] = df["rank"] == pick
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True), infos
+
+
+def _evaluation_jobs(states: pd.DataFrame, budgets_n, labels, block_influence: Sequence[str]) -> list[tuple]:
+    """``(budget, method, removed blocks or None, extra columns)`` for every state and every block-influence
+    selection (None: selected when evaluated)."""
+    jobs: list[tuple[str, str, list[int] | None, dict]] = []
+    for b, label in zip(budgets_n, labels, strict=True):
+        for _, r in states[states["budget"] == label].iterrows():
+            jobs.append((label, f"cbo:{int(r['rank'])}", parse_blocks(r["removed_blocks"]),
+                         {"rank": int(r["rank"]), "energy": float(r["energy"]),
+                          **({"rerank_ce": float(r["rerank_ce"]), "rerank_pick": bool(r["rerank_pick"])}
+                             if "rerank_ce" in r else {})}))
+        for kind in block_influence:
+            jobs.append((label, "block_influence" if kind == "one_shot" else "block_influence_iterative", None,
+                         {"budget_dict": b}))
+    return jobs
+
+
+class _EvaluationTable:
+    """The resumable ``hybrid_evaluations.csv`` of one model's weights on one set of evaluation windows: rows are
+    looked up, measured (gated, retentions against :attr:`dense`) and appended as they come."""
+
+    def __init__(self, path: Path, model, windows: torch.Tensor, types: Sequence[str], batch_size: int, base: dict):
+        self.path, self.model, self.windows, self.types, self.batch_size = path, model, windows, types, batch_size
+        self.base, self.dense = base, None
+
+    def _mine(self, tab: pd.DataFrame) -> pd.Series:
+        return ((tab["model"].astype(str) == self.base["model"])
+                & (tab["model_fingerprint"].astype(str) == self.base["model_fingerprint"])
+                & (tab["eval_id"].astype(str) == self.base["eval_id"]))
+
+    def drop_stale(self) -> None:
+        """Drop this model's rows measured on other weights or other evaluation windows."""
+        old = _read_evaluations(self.path)
+        if not len(old):
+            return
+        stale = (old["model"].astype(str) == self.base["model"]) & ~self._mine(old)
+        if stale.any():
+            print(f"[hybrid] dropping {int(stale.sum())} evaluation rows of other weights or evaluation windows")
+            atomic_write_text(self.path, old[~stale].to_csv(index=False, lineterminator="\n"))
+
+    def done_row(self, budget: str, method: str, removed: str | None = None) -> dict | None:
+        """The recorded evaluation of (budget, method[, removed blocks]) for these weights and windows, or None."""
+        tab = _read_evaluations(self.path)
+        if not len(tab):
+            return None
+        sel = tab[self._mine(tab) & (tab["budget"].astype(str) == budget) & (tab["method"].astype(str) == method)]
+        if removed is not None:
+            sel = sel[sel["removed_blocks"].astype(str) == removed]
+        return sel.iloc[0].to_dict() if len(sel) else None
+
+    def measure(self, budget: str, method: str, removed: list[int], extra: dict) -> dict:
+        """Evaluate one removal (gated), add retentions, append the row to the table at once."""
+        t0 = time.perf_counter()
+        r = perplexity(self.model, self.windows, removed=removed or None, batch_size=self.batch_size)
+        row = {**self.base, "budget": budget, "method": method, "removed_blocks": format_blocks(removed),
+               "removed_types": _removed_types(self.types, removed), "perplexity": r["perplexity"],
+               "accuracy": r["accuracy"], "nll": r["nll"], "tokens": r["tokens"],
+               "seconds": round(time.perf_counter() - t0, 3), **extra}
+        if self.dense is not None:
+            d = self.dense
+            row["ppl_retention"] = d["perplexity"] / r["perplexity"]
+            row["accuracy_retention"] = r["accuracy"] / d["accuracy"] if d["accuracy"] > 0 else float("nan")
+        _add_evaluations(self.path, [row])
+        return row
+
+    def rows(self) -> pd.DataFrame:
+        """This model's rows (these weights, these windows)."""
+        tab = _read_evaluations(self.path)
+        return tab[self._mine(tab)].reset_index(drop=True) if len(tab) else tab
 
 
 def removed_energy(Q: np.ndarray, const: float, removed: Sequence[int]) -> float:
