@@ -285,6 +285,39 @@ def test_draw_all_draws_every_figure_whose_inputs_exist(tmp_path):
     assert first == {p.name: p.read_bytes() for p in made}
 
 
+def test_a_new_figure_is_one_registry_entry(tmp_path, monkeypatch):
+    """register_figure: draw_all draws the new figure from its planner, records its paper item and inputs, and
+    reports its skips; the registry is the only list of figures."""
+    from cbo_utils.report import figures as fg
+
+    monkeypatch.setattr(fg, "FIGURES", dict(fg.FIGURES))
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "numbers.csv").write_text("x,y\n0,1\n1,3\n")
+
+    def draw_line(path, out):
+        df = pd.read_csv(path)
+        fig = fg._new_figure(3, 2)
+        fig.add_subplot().plot(df["x"], df["y"])
+        return fg.Drawn(fg._save(fig, Path(out) / "line__numbers.png"), {"n": len(df)})
+
+    @fg.register_figure("line", "Fig. 9")
+    def plan(ctx):
+        p = ctx.file("numbers.csv")
+        yield fg.Job(lambda: draw_line(p, ctx.out), [p]) if p else fg.Skip("Fig. 9 line", "no numbers.csv")
+        yield fg.Skip("Fig. 9 line (second panel)", "not measured here")
+
+    made = fg.draw_all(res, tmp_path / "figs")
+    assert "line__numbers.png" in [p.name for p in made]
+    manifest = json.loads((tmp_path / "figs" / "figures.json").read_text())
+    assert manifest["figures"]["line__numbers.png"]["paper_item"] == "Fig. 9"
+    assert list(manifest["figures"]["line__numbers.png"]["inputs"]) == ["numbers.csv"]
+    assert {"figure": "Fig. 9 line (second panel)", "reason": "not measured here"} in manifest["skipped"]
+    assert fg.paper_items()["line"] == "Fig. 9"
+    with pytest.raises(ValueError, match="already registered"):
+        fg.register_figure("line", "Fig. 10")(plan)
+
+
 @pytest.mark.skipif(not (ROOT / "results/mini/state_energies.csv").is_file()
                     or not (ROOT / "results/mini/correlations.csv").is_file(), reason="no mini results")
 def test_mini_results_rho_matches_correlations_csv(tmp_path):

@@ -11,7 +11,8 @@ Fig. 4   states map        :func:`draw_states_map`                       ``state
 Fig. 5   hybrid retention  :func:`draw_hybrid_retention`                 ``hybrid_retention__<model>.png``
 =========================  ============================================  =========================================
 
-:func:`draw_all` draws every figure whose inputs exist under a results folder (``results/<profile>``), skips and
+:data:`FIGURES` is the figure registry: a new figure is one draw function and one planner decorated with
+:func:`register_figure` (which files it draws from which inputs). :func:`draw_all` draws every figure whose inputs exist under a results folder (``results/<profile>``), skips and
 reports the rest, and writes ``figures.json`` (figure → paper item, input files and their SHA-256, notes; no
 timestamps). ``python -m cbo_utils.report.figures --results results/mini --out figures/mini``.
 
@@ -25,10 +26,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,10 +67,6 @@ TYPE_LETTERS = {"decoder": "", **PATTERN_LETTER}
 TYPE_NAMES = {"decoder": "decoder layer", "mamba": "Mamba2 (M)", "moe": "MoE (E)", "attention": "attention (*)",
               "mlp": "MLP (-)"}
 REMOVED = VERMILLION
-
-#: The paper's numbering lives here only: figure file prefix → paper item.
-PAPER_ITEMS = {"method": "Fig. 1", "energy_vs_zero_shot": "Fig. 2", "energy_vs_perplexity": "Fig. 3",
-               "states_map": "Fig. 4", "hybrid_retention": "Fig. 5"}
 
 #: Which stage writes each input table (for the errors a missing column raises).
 SOURCES = {
@@ -686,99 +684,199 @@ def draw_hybrid_retention(evaluations: Any, out_dir: Any, *, model: str | None =
 
 # ================================================================================================== all
 def _profile_settings(profile: str | None) -> dict:
-    if not profile:
-        return {}
-
-    return load_profile(profile)
+    return load_profile(profile) if profile else {}
 
 
-def draw_all(results_dir: Any, figures_dir: Any, profile: str | None = None) -> list[Path]:
-    """Draw every figure whose inputs exist under ``results_dir`` (e.g. ``results/mini``) into ``figures_dir``;
-    print what was skipped and why; write ``figures.json`` (figure → paper item, inputs with SHA-256, notes; and
-    the skipped figures). ``profile`` (tiny | mini | paper or a YAML path) supplies the benchmark order and, when
-    no gradients sidecar records them, the hybrid layer pattern. Returns the PNG paths written, sorted."""
-    results, out = Path(results_dir), Path(figures_dir)
-    if not results.is_dir():
-        raise FileNotFoundError(f"no results folder {results}; run make reproduce PROFILE=... first")
-    cfg = _profile_settings(profile)
-    tasks = (cfg.get("compare") or {}).get("tasks")
-    made: dict[str, dict] = {}
-    skipped: list[dict] = []
+@dataclass
+class Job:
+    """One figure to draw: ``draw()`` returns the :class:`Drawn`; ``inputs`` are recorded with their SHA-256."""
 
-    def record(d: Drawn, item: str, inputs: Sequence[Path]) -> None:
-        for n in d.notes:
-            print(f"[figures] note: {n}")
-        if d.path is None:
-            skipped.append({"figure": item, "reason": "; ".join(d.notes) or "nothing to draw"})
-            return
-        made[d.path.name] = {"paper_item": PAPER_ITEMS[d.path.name.split("__")[0]], "notes": d.notes,
-                             "inputs": {str(p.relative_to(results)): file_sha256(p) for p in inputs if p.is_file()}}
+    draw: Callable[[], Drawn]
+    inputs: list[Path]
 
-    def skip(item: str, reason: str) -> None:
-        skipped.append({"figure": item, "reason": reason})
 
-    se, corr, ev = results / "state_energies.csv", results / "correlations.csv", results / "evaluations.csv"
-    model_dirs = sorted(p.parent for p in results.glob("*/states_M*.csv"))
-    model_dirs = list(dict.fromkeys(model_dirs))
-    if not model_dirs:
-        skip("Fig. 1 method / Fig. 4 states_map", f"no <model>/states_M<M>.csv under {results} (make reproduce)")
-    for mdir in model_dirs:
+@dataclass
+class Skip:
+    """A figure that cannot be drawn from this results folder, and why."""
+
+    figure: str
+    reason: str
+
+
+@dataclass
+class FigureInputs:
+    """What a figure's planner may read: the results folder, the figures folder and the profile's settings."""
+
+    results: Path
+    out: Path
+    cfg: dict
+
+    @property
+    def tasks(self):
+        return (self.cfg.get("compare") or {}).get("tasks")
+
+    def file(self, name: str) -> Path | None:
+        """``results/<name>`` when it exists, else None."""
+        p = self.results / name
+        return p if p.is_file() else None
+
+    def model_dirs(self) -> list[Path]:
+        """The per-model folders holding ``states_M<M>.csv``."""
+        return list(dict.fromkeys(sorted(p.parent for p in self.results.glob("*/states_M*.csv"))))
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """A registered figure: its file prefix, the paper item it reproduces, and its planner — a function of
+    :class:`FigureInputs` that yields a :class:`Job` per file to draw and a :class:`Skip` per file it cannot."""
+
+    name: str
+    paper_item: str
+    plan: Callable[[FigureInputs], Iterable[Job | Skip]]
+
+
+#: The figure registry (file prefix → :class:`FigureSpec`), in drawing order; :func:`register_figure` adds one.
+FIGURES: dict[str, FigureSpec] = {}
+
+
+def register_figure(name: str, paper_item: str):
+    """Decorator: register a planner as the figure ``name`` (the file prefix) reproducing ``paper_item``."""
+    def deco(plan):
+        if name in FIGURES:
+            raise ValueError(f"a figure named {name!r} is already registered")
+        FIGURES[name] = FigureSpec(name, paper_item, plan)
+        return plan
+    return deco
+
+
+def _states_files(mdir: Path) -> list[tuple[Path, int]]:
+    return [(f, int(f.stem.split("_M")[-1])) for f in
+            sorted(mdir.glob("states_M*.csv"), key=lambda p: int(p.stem.split("_M")[-1]))]
+
+
+@register_figure("method", "Fig. 1")
+def _plan_method(ctx: FigureInputs):
+    """One method sketch per states table of the core stages, and one per budget of the hybrid experiment."""
+    if not ctx.model_dirs():
+        yield Skip("Fig. 1 method", f"no <model>/states_M<M>.csv under {ctx.results} (make reproduce)")
+    for mdir in ctx.model_dirs():
         model = mdir.name
-        for f in sorted(mdir.glob("states_M*.csv"), key=lambda p: int(p.stem.split("_M")[-1])):
-            M = int(f.stem.split("_M")[-1])
+        grads = mdir / "gradients.safetensors.json"
+        for f, M in _states_files(mdir):
             side = read_json(f.with_name(f.name + ".json")) if f.with_name(f.name + ".json").is_file() else {}
-            energy = (side.get("parameters") or {}).get("energy", "fisher")
-            elabel = get_energy(energy).label
-            types = block_types_from_sidecar(mdir / "gradients.safetensors.json")
+            elabel = get_energy((side.get("parameters") or {}).get("energy", "fisher")).label
+            types = block_types_from_sidecar(grads)
             if _n_blocks_from_sidecars(f) is None and types is None:
-                skip(f"Fig. 1 method {model} M{M}", f"the number of blocks is not recorded beside {f.name} (no "
-                     "sidecar, no gradients.safetensors.json)")
-            else:
-                record(draw_method(f, out, model=model, block_types=types, energy_label=elabel), "Fig. 1",
-                       [f, f.with_name(f.name + ".json"), mdir / "gradients.safetensors.json"])
-            record(draw_states_map(f, out, model=model, M=M, evaluations=ev if ev.is_file() else None,
-                                   state_energies=se if se.is_file() else None, tasks=tasks), "Fig. 4", [f, ev, se])
+                yield Skip(f"Fig. 1 method {model} M{M}", f"the number of blocks is not recorded beside {f.name} "
+                           "(no sidecar, no gradients.safetensors.json)")
+                continue
+            yield Job(functools.partial(draw_method, f, ctx.out, model=model, block_types=types, energy_label=elabel),
+                      [f, f.with_name(f.name + ".json"), grads])
+    hst = ctx.results / "hybrid" / "hybrid_states.csv"
+    if not hst.is_file():
+        yield Skip("Fig. 1 method (hybrid)", f"no {hst} (make hybrid)")
+        return
+    st, _ = _table(hst, "hybrid_states", ["model", "budget", "rank", "energy", "removed_blocks"],
+                   "the hybrid method figure (Fig. 1)")
+    grad_side = ctx.results / "hybrid" / "gradients.safetensors.json"
+    types = block_types_from_sidecar(grad_side) or (ctx.cfg.get("hybrid") or {}).get("pattern")
+    side = ctx.results / "hybrid" / "hybrid_states.csv.json"
+    info = (read_json(side).get("solver_info") or {}) if side.is_file() else {}
+    for (model, budget), sub in st.groupby(["model", "budget"], sort=False):
+        N = (info.get(budget) or {}).get("N") or (len(types) if types is not None else None)
+        if types is None or N is None:
+            yield Skip(f"Fig. 1 method {model} {budget}", "block types unknown (no hybrid/gradients.safetensors.json "
+                       "and no profile pattern)")
+            continue
+        stand = "stand_in" in sub.columns and sub["stand_in"].map(_truthy).any()
+        yield Job(functools.partial(draw_method, sub, ctx.out, model=model, n_blocks=int(N), block_types=types,
+                                    label=budget, constraint=f"the budget {budget} (blocks of that type only)",
+                                    note=f"stand-in for {_nano_id()}" if stand else None), [hst, side, grad_side])
+
+
+def _plan_energy_vs(score_figure: str):
+    """The planner of Fig. 2 or 3: one panel set per model of ``state_energies.csv``."""
+    draw = {"energy_vs_zero_shot": draw_energy_vs_zero_shot, "energy_vs_perplexity": draw_energy_vs_perplexity}[
+        score_figure]
+
+    def plan(ctx: FigureInputs):
+        se, corr = ctx.file("state_energies.csv"), ctx.results / "correlations.csv"
+        if se is None:
+            yield Skip(f"{score_figure}", f"no {ctx.results / 'state_energies.csv'} (make compare, correlate stage)")
+            return
+        for model in dict.fromkeys(pd.read_csv(se, usecols=["model"], dtype=str)["model"]):
+            yield Job(functools.partial(draw, se, ctx.out, model=model,
+                                        correlations=corr if corr.is_file() else None), [se, corr])
+    return plan
+
+
+register_figure("energy_vs_zero_shot", "Fig. 2")(_plan_energy_vs("energy_vs_zero_shot"))
+register_figure("energy_vs_perplexity", "Fig. 3")(_plan_energy_vs("energy_vs_perplexity"))
+
+
+@register_figure("states_map", "Fig. 4")
+def _plan_states_map(ctx: FigureInputs):
+    """One states map per states table of the core stages and per CBO variant's table of the comparison."""
+    ev, se = ctx.file("evaluations.csv"), ctx.file("state_energies.csv")
+    inputs = [ctx.results / "evaluations.csv", ctx.results / "state_energies.csv"]
+    if not ctx.model_dirs():
+        yield Skip("Fig. 4 states_map", f"no <model>/states_M<M>.csv under {ctx.results} (make reproduce)")
+    for mdir in ctx.model_dirs():
+        model = mdir.name
+        for f, M in _states_files(mdir):
+            yield Job(functools.partial(draw_states_map, f, ctx.out, model=model, M=M, evaluations=ev,
+                                        state_energies=se, tasks=ctx.tasks), [f, *inputs])
         for f in sorted((mdir / "compare").glob("states_*_M*.csv")):
             variant, M = f.stem[len("states_"):].rsplit("_M", 1)
             if len(pd.read_csv(f, usecols=["rank"])) < 2:
-                skip(f"Fig. 4 states_map {model} {variant} M{M}", f"{f.name} holds one state only")
+                yield Skip(f"Fig. 4 states_map {model} {variant} M{M}", f"{f.name} holds one state only")
                 continue
-            record(draw_states_map(f, out, model=model, variant=variant, M=int(M),
-                                   evaluations=ev if ev.is_file() else None,
-                                   state_energies=se if se.is_file() else None, tasks=tasks), "Fig. 4", [f, ev, se])
-    if se.is_file():
-        models = list(dict.fromkeys(pd.read_csv(se, usecols=["model"], dtype=str)["model"]))
-        for model in models:
-            for fn, item in ((draw_energy_vs_zero_shot, "Fig. 2"), (draw_energy_vs_perplexity, "Fig. 3")):
-                record(fn(se, out, model=model, correlations=corr if corr.is_file() else None), item, [se, corr])
-    else:
-        skip("Figs. 2-3 energy_vs_*", f"no {se} (make compare, correlate stage)")
-    hev, hst = results / "hybrid" / "hybrid_evaluations.csv", results / "hybrid" / "hybrid_states.csv"
-    if hev.is_file():
-        for model in dict.fromkeys(pd.read_csv(hev, usecols=["model"], dtype=str)["model"]):
-            record(draw_hybrid_retention(hev, out, model=model), "Fig. 5", [hev])
-    else:
-        skip("Fig. 5 hybrid_retention", f"no {hev} (make hybrid)")
-    if hst.is_file():
-        st, _ = _table(hst, "hybrid_states", ["model", "budget", "rank", "energy", "removed_blocks"],
-                       "the hybrid method figure (Fig. 1)")
-        grad_side = results / "hybrid" / "gradients.safetensors.json"
-        types = block_types_from_sidecar(grad_side) or (cfg.get("hybrid") or {}).get("pattern")
-        side = results / "hybrid" / "hybrid_states.csv.json"
-        info = (read_json(side).get("solver_info") or {}) if side.is_file() else {}
-        for (model, budget), sub in st.groupby(["model", "budget"], sort=False):
-            N = (info.get(budget) or {}).get("N") or (len(types) if types is not None else None)
-            if types is None or N is None:
-                skip(f"Fig. 1 method {model} {budget}", "block types unknown (no hybrid/gradients.safetensors.json "
-                     "and no profile pattern)")
+            yield Job(functools.partial(draw_states_map, f, ctx.out, model=model, variant=variant, M=int(M),
+                                        evaluations=ev, state_energies=se, tasks=ctx.tasks), [f, *inputs])
+
+
+@register_figure("hybrid_retention", "Fig. 5")
+def _plan_hybrid_retention(ctx: FigureInputs):
+    """One retention figure per model of the hybrid experiment."""
+    hev = ctx.results / "hybrid" / "hybrid_evaluations.csv"
+    if not hev.is_file():
+        yield Skip("Fig. 5 hybrid_retention", f"no {hev} (make hybrid)")
+        return
+    for model in dict.fromkeys(pd.read_csv(hev, usecols=["model"], dtype=str)["model"]):
+        yield Job(functools.partial(draw_hybrid_retention, hev, ctx.out, model=model), [hev])
+
+
+def paper_items() -> dict[str, str]:
+    """Figure file prefix → paper item, from the registry."""
+    return {f.name: f.paper_item for f in FIGURES.values()}
+
+
+def draw_all(results_dir: Any, figures_dir: Any, profile: str | None = None) -> list[Path]:
+    """Draw every registered figure (:data:`FIGURES`) whose inputs exist under ``results_dir`` (e.g.
+    ``results/mini``) into ``figures_dir``; print what was skipped and why; write ``figures.json`` (figure → paper
+    item, inputs with SHA-256, notes; and the skipped figures). ``profile`` (tiny | mini | paper or a YAML path)
+    supplies the benchmark order and, when no gradients sidecar records them, the hybrid layer pattern. Returns the
+    PNG paths written, sorted."""
+    results, out = Path(results_dir), Path(figures_dir)
+    if not results.is_dir():
+        raise FileNotFoundError(f"no results folder {results}; run make reproduce PROFILE=... first")
+    ctx = FigureInputs(results, out, _profile_settings(profile))
+    made: dict[str, dict] = {}
+    skipped: list[dict] = []
+    for spec in FIGURES.values():
+        for job in spec.plan(ctx):
+            if isinstance(job, Skip):
+                skipped.append({"figure": job.figure, "reason": job.reason})
                 continue
-            stand = "stand_in" in sub.columns and sub["stand_in"].map(_truthy).any()
-            record(draw_method(sub, out, model=model, n_blocks=int(N), block_types=types, label=budget,
-                               constraint=f"the budget {budget} (blocks of that type only)",
-                               note=f"stand-in for {_nano_id()}" if stand else None), "Fig. 1",
-                   [hst, side, grad_side])
-    else:
-        skip("Fig. 1 method (hybrid)", f"no {hst} (make hybrid)")
+            d = job.draw()
+            for n in d.notes:
+                print(f"[figures] note: {n}")
+            if d.path is None:
+                skipped.append({"figure": spec.paper_item, "reason": "; ".join(d.notes) or "nothing to draw"})
+                continue
+            made[d.path.name] = {"paper_item": spec.paper_item, "notes": d.notes,
+                                 "inputs": {str(p.relative_to(results)): file_sha256(p) for p in job.inputs
+                                            if p.is_file()}}
     for s in skipped:
         print(f"[figures] skipped {s['figure']}: {s['reason']}")
     write_json(out / "figures.json", {"results": str(results), "profile": profile, "figures": made,
@@ -797,7 +895,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["DPI", "PAPER_ITEMS", "SOURCES", "Drawn", "block_types_from_sidecar", "draw_all",
+__all__ = ["DPI", "FIGURES", "SOURCES", "Drawn", "FigureInputs", "FigureSpec", "Job", "Skip", "paper_items",
+           "register_figure", "block_types_from_sidecar", "draw_all",
            "draw_energy_vs_perplexity", "draw_energy_vs_score", "draw_energy_vs_zero_shot", "draw_hybrid_retention",
            "draw_method", "draw_states_map", "main"]
 
