@@ -3,6 +3,7 @@ module's private names, the public API works as the README shows, and a non-edit
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,14 @@ def test_non_editable_install_carries_configs_and_runs_from_elsewhere(tmp_path):
     assert (work / "results" / "tiny" / "selections.csv").is_file()
     assert str(target) in subprocess.run([sys.executable, "-c", "import cbo_utils; print(cbo_utils.__file__)"],
                                          cwd=work, env=env, capture_output=True, text=True).stdout
+
+
+def test_the_code_passes_ruff():
+    """make lint's check, inside make test: a long line or an unused import fails the suite."""
+    ruff = Path(sys.executable).with_name("ruff")
+    if not ruff.exists() and shutil.which("ruff") is None:
+        pytest.skip("ruff is not installed")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([str(ruff if ruff.exists() else "ruff"), "check", "cbo_utils", "tests", "benchmarks",
+                        "notebooks"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:]

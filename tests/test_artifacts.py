@@ -91,8 +91,8 @@ def test_provenance_names_no_machine_specific_directory(monkeypatch, tmp_path):
 
     repo = artifacts._REPO
     f = repo / "cbo_utils" / "configs" / "tiny.yaml"
-    monkeypatch.setattr(sys, "argv", [str(repo / "cbo_utils" / "experiments" / "hybrid.py"), "--profile", "mini", "--results",
-                                      str(repo / "results" / "mini")])
+    monkeypatch.setattr(sys, "argv", [str(repo / "cbo_utils" / "experiments" / "hybrid.py"), "--profile", "mini",
+                                      "--results", str(repo / "results" / "mini")])
     monkeypatch.setenv("CBO_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "m.json").write_text("{}")

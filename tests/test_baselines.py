@@ -98,8 +98,8 @@ def test_padding_never_counts(which, request):
     assert one["tokens"] == padded["tokens"] == calib.tokens
     for key in ("bi", "norm_ratio", "last_states"):
         torch.testing.assert_close(padded[key], one[key], atol=1e-5, rtol=1e-4)
-    assert loss.calibration_nll(model, calib, [2], batch_size=4) == pytest.approx(loss.calibration_nll(model, calib, [2]),
-                                                                               rel=1e-5)
+    assert loss.calibration_nll(model, calib, [2], batch_size=4) == pytest.approx(
+        loss.calibration_nll(model, calib, [2]), rel=1e-5)
     s1, s4 = B.sleb(model, calib, 1, batch_size=1), B.sleb(model, calib, 1, batch_size=4)
     assert s1.removed == s4.removed
     assert [x for x in s4.scores if x is not None] == pytest.approx([x for x in s1.scores if x is not None], rel=1e-5)

@@ -1,5 +1,5 @@
-"""Type-restricted block removal on hybrid models (cbo_utils.experiments.hybrid), each against an independent computation:
-brute force over all states, physical removal, reload round trips, hand-built expectations."""
+"""Type-restricted block removal on hybrid models (cbo_utils.experiments.hybrid), each against an independent
+computation: brute force over all states, physical removal, reload round trips, hand-built expectations."""
 
 import copy
 import itertools

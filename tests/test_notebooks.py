@@ -118,8 +118,9 @@ def test_make_graph_declares_every_prerequisite():
 
 @pytest.mark.slow
 def test_touching_the_solver_reruns_only_the_stages_downstream_of_it(tmp_path):
-    """`make -n` after touching cbo_utils/select/swm.py (in 04's and 06's import closure, not in 01–03's): the stages that import it — states (03), comparison (04),
-    hybrid (05) — and the report (06) downstream rerun; the gradients (01) and the Ising models (02) do not."""
+    """`make -n` after touching cbo_utils/select/swm.py (in 04's and 06's import closure, not in 01–03's): the stages
+    that import it — states (03), comparison (04), hybrid (05) — and the report (06) downstream rerun; the gradients
+    (01) and the Ising models (02) do not."""
     import shutil
 
     repo = tmp_path / "repo"

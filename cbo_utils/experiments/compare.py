@@ -1,7 +1,7 @@
 """The comparison harness: every method on the same calibration data, measured the same way.
 
-``python -m cbo_utils.experiments.compare --profile mini`` (``make compare``) runs, for every model and M of the profile's
-``compare:`` section:
+``python -m cbo_utils.experiments.compare --profile mini`` (``make compare``) runs, for every model and M of the
+profile's ``compare:`` section:
 
 1. **select** — every baseline (:mod:`cbo_utils.select.baselines`) and every CBO variant (:data:`CBO_VARIANTS`) picks M
    blocks from the *same* calibration windows. CBO's gate gradients are collected once per kind (cached as
@@ -221,7 +221,8 @@ def _run_evaluations(model, tok, sels: pd.DataFrame, s: dict, results: Path, mod
         if not need_ppl and not todo:
             continue  # resuming: nothing left to measure (and no SWM copy to build)
         m, removed = evaluation_model(model, row) if row["method"] != "dense" else (model, None)
-        measure_selection(m, tok, key, row.get("removed_blocks", ""), removed, s, results, False, need_ppl, todo, windows)
+        measure_selection(m, tok, key, row.get("removed_blocks", ""), removed, s, results, False, need_ppl, todo,
+                          windows)
         if progress:
             print(f"  [{model_name}] evaluated {row['method']} M={row['M']} {label}", flush=True)
         del m

@@ -83,8 +83,9 @@ DEFAULT_BUDGETS: list[dict[str, int]] = [{"moe": 2}, {"moe": 3}, {"attention": 1
 
 def block_influence_by_type(model, calibration, budget: Mapping[str, int] | str, batch_size: int = 1,
                             iterative: bool = False, keep: Iterable[int] = ()):
-    """ShortGPT's block influence (BI_i = 1 − mean_tokens cos(x_i, y_i), :func:`cbo_utils.select.baselines.block_statistics`)
-    restricted to a per-type budget: the ``budget[t]`` lowest-BI blocks of each type ``t`` (ties → lower index).
+    """ShortGPT's block influence (BI_i = 1 − mean_tokens cos(x_i, y_i),
+    :func:`cbo_utils.select.baselines.block_statistics`) restricted to a per-type budget: the ``budget[t]`` lowest-BI
+    blocks of each type ``t`` (ties → lower index).
 
     ``iterative=True`` (the paper's BI): repeatedly remove the lowest-BI block among the types whose quota is not yet
     filled, recomputing BI on the gated (shrunken) model; ``relative`` records each step's index in the model of
@@ -192,11 +193,11 @@ def run_hybrid_experiment(model, tokenizer, calibration, eval_texts_or_windows, 
                           progress: bool = True) -> dict[str, Any]:
     """Type-restricted CBO vs block influence on one model, evaluated on held-out text; resumable.
 
-    1. **gradients** — per-sample gate gradients on ``calibration`` (:func:`cbo_utils.gradients.collect_gate_gradients`):
-       the paper's recipe at α = 1 by default; ``random_removal=(lo, hi)`` with ``points_per_sample`` gives the
-       stochastic-depth rows (each at a random partial removal) that this package found much better on SmolLM2.
-       Saved as ``out_dir/gradients.safetensors`` (+ sidecar) and reused when the model, calibration and options
-       match.
+    1. **gradients** — per-sample gate gradients on ``calibration``
+       (:func:`cbo_utils.gradients.collect_gate_gradients`): the paper's recipe at α = 1 by default;
+       ``random_removal=(lo, hi)`` with ``points_per_sample`` gives the stochastic-depth rows (each at a random partial
+       removal) that this package found much better on SmolLM2. Saved as ``out_dir/gradients.safetensors`` (+ sidecar)
+       and reused when the model, calibration and options match.
     2. **states** — Fisher ``H = AᵀA/m`` (``energy="taylor"``: ``−gᵀx + ½xᵀHx``); for each budget the ``k`` lowest
        states, exactly (:func:`exact_lowest_by_type`) → ``hybrid_states.csv``. With ``rerank_calibration`` (windows
        disjoint from ``calibration`` and from the evaluation text) each state also gets its cross-entropy there
@@ -204,13 +205,13 @@ def run_hybrid_experiment(model, tokenizer, calibration, eval_texts_or_windows, 
     3. **block influence** — :func:`block_influence_by_type` per budget, one-shot and/or iterative
        (``block_influence``), on the calibration windows (plus ``rerank_calibration``: every method sees the same
        tokens).
-    4. **evaluate** — perplexity and next-token top-1 accuracy (:func:`cbo_utils.evaluate.perplexity.perplexity`) on held-out windows
-       (``eval_texts_or_windows``: a ``(n, seq_len)`` tensor, or texts cut by
-       :func:`cbo_utils.evaluate.perplexity.perplexity_windows` into ``eval_windows × eval_seq_len``) of the dense model, every
-       state (method ``cbo:<rank>``) and every BI selection, on the gated model (α = 0 on removed blocks, equal to
-       physical removal). Retention: ``accuracy / dense accuracy`` and ``dense perplexity / perplexity``. Rows go to
-       ``hybrid_evaluations.csv`` as they are measured; a row already there (same model weights, evaluation windows,
-       budget, method and removed blocks) is not recomputed.
+    4. **evaluate** — perplexity and next-token top-1 accuracy (:func:`cbo_utils.evaluate.perplexity.perplexity`) on
+       held-out windows (``eval_texts_or_windows``: a ``(n, seq_len)`` tensor, or texts cut by
+       :func:`cbo_utils.evaluate.perplexity.perplexity_windows` into ``eval_windows × eval_seq_len``) of the dense
+       model, every state (method ``cbo:<rank>``) and every BI selection, on the gated model (α = 0 on removed blocks,
+       equal to physical removal). Retention: ``accuracy / dense accuracy`` and ``dense perplexity / perplexity``. Rows
+       go to ``hybrid_evaluations.csv`` as they are measured; a row already there (same model weights, evaluation
+       windows, budget, method and removed blocks) is not recomputed.
     5. **report** — ``hybrid.md``; its first line says when the model is a stand-in (``stand_in=True``), as does
        the ``stand_in`` column of both tables.
 
@@ -768,8 +769,8 @@ def prune_selections(evaluations: pd.DataFrame, src_dir, out_root, methods: Sequ
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cbo_utils.experiments.hybrid --profile tiny|mini [--results DIR]``: the type-restricted experiment of a
-    profile (the Nemotron stand-in unless the profile's ``hybrid.model`` names a real checkpoint)."""
+    """``python -m cbo_utils.experiments.hybrid --profile tiny|mini [--results DIR]``: the type-restricted experiment of
+    a profile (the Nemotron stand-in unless the profile's ``hybrid.model`` names a real checkpoint)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="mini", help="tiny | mini | a profile YAML path")
     ap.add_argument("--results", default=None, help="results folder of the profile (default results/<profile>); "

@@ -26,10 +26,11 @@ def run(profile: str, results: Path | None = None, compare: bool = True, retrain
         hybrid: bool = True) -> list[Path]:
     """Gradients → states → pruned checkpoints for every model of the profile, then (``compare=True`` and the
     profile has a ``compare:`` section) the comparison harness: every baseline and CBO variant evaluated the same
-    way (:mod:`cbo_utils.experiments.compare`); then (``retrain=True``, after the comparison, with a ``retrain:`` section) the
-    knowledge distillation of the chosen selections, evaluated before and after (:mod:`cbo_utils.experiments.retrain`); then
-    (``hybrid=True``) the type-restricted hybrid experiment — the Nemotron stand-in on the tiny and mini profiles,
-    the real Nemotron-3-Nano on the paper profile (:mod:`cbo_utils.experiments.hybrid`)."""
+    way (:mod:`cbo_utils.experiments.compare`); then (``retrain=True``, after the comparison, with a ``retrain:``
+    section) the knowledge distillation of the chosen selections, evaluated before and after
+    (:mod:`cbo_utils.experiments.retrain`); then (``hybrid=True``) the type-restricted hybrid experiment — the Nemotron
+    stand-in on the tiny and mini profiles, the real Nemotron-3-Nano on the paper profile
+    (:mod:`cbo_utils.experiments.hybrid`)."""
 
     cfg = load_profile(profile)
     results = results_dir(cfg, results)

@@ -61,6 +61,8 @@ class Adapter:
     gate_modules: tuple[str, ...] = ("self_attn", "mlp")
     hybrid: bool = False
     description: str = ""
+    #: attribute names (on the parent of the block list) of the norm between the last block and the LM head
+    final_norm_names: tuple[str, ...] = ("norm", "norm_f", "final_layernorm", "final_layer_norm", "ln_f")
 
     # -- structure
     def matches(self, model: nn.Module) -> bool:
@@ -75,6 +77,17 @@ class Adapter:
 
     def block_types(self, model: nn.Module) -> list[str]:
         return [DECODER] * len(self.layers(model))
+
+    def final_norm(self, model: nn.Module) -> nn.Module | None:
+        """The norm between the last block and the LM head (``model.model.norm``, Nemotron-H's ``norm_f``, ...),
+        or None when the architecture has none."""
+        parent_path = self.layers_path.rpartition(".")[0]
+        base = get_path(model, parent_path) if parent_path else model
+        for name in self.final_norm_names:
+            mod = getattr(base, name, None)
+            if isinstance(mod, nn.Module):
+                return mod
+        return None
 
     def gate_targets(self, block: nn.Module) -> list[nn.Module]:
         return [getattr(block, n) for n in self.gate_modules]
@@ -241,6 +254,11 @@ def describe_blocks(model: nn.Module) -> list[BlockInfo]:
     types = adapter.block_types(model)
     return [BlockInfo(i, t, sum(p.numel() for p in b.parameters())) for i, (b, t) in
             enumerate(zip(adapter.layers(model), types, strict=True))]
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The final norm of ``model`` (:meth:`Adapter.final_norm`)."""
+    return get_adapter(model).final_norm(model)
 
 
 def num_blocks(model: nn.Module) -> int:
@@ -450,8 +468,8 @@ def merge_windows(model: nn.Module, windows, removed: Iterable[int] | None = Non
 
 
 def pattern_types(pattern: str) -> list[str]:
-    """Block types (``mamba``/``moe``/``attention``/``mlp``, as :func:`cbo_utils.model.blocks.block_types` names them) of
-    a NemotronH pattern string such as :data:`NANO_PATTERN`."""
+    """Block types (``mamba``/``moe``/``attention``/``mlp``, as :func:`cbo_utils.model.blocks.block_types` names them)
+    of a NemotronH pattern string such as :data:`NANO_PATTERN`."""
     bad = sorted({c for c in pattern if c not in LETTER_TYPE})
     if bad or not pattern:
         raise ValueError(f"pattern {pattern!r} has unknown letters {bad}: use M (Mamba2), E (MoE), * (attention), "

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbo_utils.model.blocks import Gates, get_adapter, get_path, model_layers
+from cbo_utils.model.blocks import Gates, final_norm, get_adapter, get_path, model_layers
 from cbo_utils.model.load import model_device
 
 log = logging.getLogger(__name__)
@@ -103,18 +103,6 @@ class BlockTaps:
 def call_block(block: nn.Module, h: torch.Tensor, kw) -> torch.Tensor:
     args, kwargs = kw
     return block_output(block(h, *args, **kwargs))
-
-
-def final_norm(model) -> nn.Module | None:
-    """The norm between the last block and the LM head (``model.model.norm``, Nemotron-H's ``norm_f``, ...)."""
-    adapter = get_adapter(model)
-    parent_path = adapter.layers_path.rpartition(".")[0]
-    base = get_path(model, parent_path) if parent_path else model
-    for name in ("norm", "norm_f", "final_layernorm", "ln_f"):
-        mod = getattr(base, name, None)
-        if isinstance(mod, nn.Module):
-            return mod
-    return None
 
 
 def _forward(model, b: Batch):

@@ -525,9 +525,9 @@ def lower_bound(problem: BlockRemovalProblem, *, time_limit: float | None = 10.0
 
 
 def certify(problem: BlockRemovalProblem, df, *, time_limit: float | None = 10.0) -> dict:
-    """Give a solver table (:mod:`cbo_utils.solvers.exact`) its certified gap: adds ``lower_bound``, ``gap`` (best energy −
-    bound), ``proven_optimal`` and ``bound_method`` to ``df.attrs["solver_info"]`` and returns that dict. A complete
-    exact enumeration is its own bound (``"exhaustive"``); otherwise :func:`lower_bound` is computed."""
+    """Give a solver table (:mod:`cbo_utils.solvers.exact`) its certified gap: adds ``lower_bound``, ``gap`` (best
+    energy − bound), ``proven_optimal`` and ``bound_method`` to ``df.attrs["solver_info"]`` and returns that dict. A
+    complete exact enumeration is its own bound (``"exhaustive"``); otherwise :func:`lower_bound` is computed."""
     info = df.attrs["solver_info"]
     best = float(df["energy"].iloc[0])
     if info.get("solver") in ("exact", "brute_force", "naive") and info.get("complete", True):

@@ -93,8 +93,8 @@ class TypeBudgetProblem:
     """Remove, for every block type ``t`` of ``budget``, exactly ``budget[t]`` blocks of type ``t`` (none of
     ``keep``), minimising ``xᵀQx + const``.
 
-    ``base`` is the equivalent :class:`~cbo_utils.problem.ising.BlockRemovalProblem` without the per-type counts (``M`` =
-    total, ``only_types`` = the budget's types, ``keep``): single-type budgets are exactly that problem; mixed ones
+    ``base`` is the equivalent :class:`~cbo_utils.problem.ising.BlockRemovalProblem` without the per-type counts (``M``
+    = total, ``only_types`` = the budget's types, ``keep``): single-type budgets are exactly that problem; mixed ones
     add the per-type counts, which :meth:`feasible` checks.
     """
 
@@ -167,7 +167,8 @@ class TypeBudgetProblem:
 def type_budget_problem(Q_or_H, block_types: Sequence[str], budget: Mapping[str, int] | str, const: float = 0.0,
                         energy: str = "fisher", keep: Iterable[int] = ()) -> TypeBudgetProblem:
     """Build a :class:`TypeBudgetProblem`. ``Q_or_H`` is the symmetric matrix of ``xᵀQx`` — the Fisher ``H`` for
-    the paper's energy; for the Taylor energy pass ``Q, const = cbo_utils.problem.ising.quadratic_form(H, g, "taylor")``.
-    ``block_types`` are the names :func:`cbo_utils.model.blocks.block_types` returns; ``energy`` is a label."""
+    the paper's energy; for the Taylor energy pass
+    ``Q, const = cbo_utils.problem.ising.quadratic_form(H, g, "taylor")``. ``block_types`` are the names
+    :func:`cbo_utils.model.blocks.block_types` returns; ``energy`` is a label."""
     return TypeBudgetProblem(Q=Q_or_H, block_types=list(block_types), budget=budget, const=const,
                              keep=tuple(keep), energy=energy)

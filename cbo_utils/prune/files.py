@@ -167,8 +167,8 @@ def prune_checkpoint_files(src_dir, remove, out_dir, *, overwrite: bool = False,
       an FP8 checkpoint's quantisation metadata follows the removal); ``hf_quant_config.json`` (ModelOpt) likewise.
     - every other file (tokenizer, chat template, generation config, remote code, licence) is copied; the source
       ``README.md`` is kept as ``SOURCE_README.md`` next to a new model card.
-    - ``removed_blocks.json`` (the record :func:`cbo_utils.prune.export.verify_export` reads) holds the removal, what was
-      rewritten and the provenance.
+    - ``removed_blocks.json`` (the record :func:`cbo_utils.prune.export.verify_export` reads) holds the removal, what
+      was rewritten and the provenance.
 
     The folder is written under a temporary name and renamed at the end.
     """

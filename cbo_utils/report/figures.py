@@ -12,9 +12,10 @@ Fig. 5   hybrid retention  :func:`draw_hybrid_retention`                 ``hybri
 =========================  ============================================  =========================================
 
 :data:`FIGURES` is the figure registry: a new figure is one draw function and one planner decorated with
-:func:`register_figure` (which files it draws from which inputs). :func:`draw_all` draws every figure whose inputs exist under a results folder (``results/<profile>``), skips and
-reports the rest, and writes ``figures.json`` (figure → paper item, input files and their SHA-256, notes; no
-timestamps). ``python -m cbo_utils.report.figures --results results/mini --out figures/mini``.
+:func:`register_figure` (which files it draws from which inputs). :func:`draw_all` draws every figure whose inputs exist
+under a results folder (``results/<profile>``), skips and reports the rest, and writes ``figures.json`` (figure → paper
+item, input files and their SHA-256, notes; no timestamps).
+``python -m cbo_utils.report.figures --results results/mini --out figures/mini``.
 
 Every draw function takes paths or DataFrames and an output folder, and returns a :class:`Drawn`: the written path
 (None when there was nothing to draw) and the data it plotted, so tests can check the picture against the inputs.
@@ -76,7 +77,8 @@ SOURCES = {
     "states": "states_M<M>.csv is written by the states stage of make reproduce (cbo_utils.experiments.pipeline); "
               "compare/states_<variant>_M<M>.csv by the select stage of make compare",
     "evaluations": "evaluations.csv is written by the evaluate stage of make compare (and by make retrain)",
-    "hybrid_evaluations": "hybrid/hybrid_evaluations.csv is written by make hybrid (python -m cbo_utils.experiments.hybrid)",
+    "hybrid_evaluations": "hybrid/hybrid_evaluations.csv is written by make hybrid "
+                          "(python -m cbo_utils.experiments.hybrid)",
     "hybrid_states": "hybrid/hybrid_states.csv is written by make hybrid (python -m cbo_utils.experiments.hybrid)",
 }
 

@@ -1,7 +1,8 @@
 """The paper's tables from result files only (``make reproduce`` → ``figures/<profile>/``), and the figures.
 
 - Table 1 without retraining: :func:`cbo_utils.experiments.compare.comparison_table` (every method × M × metric);
-- Table 1 after retraining: :func:`cbo_utils.experiments.retrain.before_after_table` (before → after knowledge distillation);
+- Table 1 after retraining: :func:`cbo_utils.experiments.retrain.before_after_table` (before → after knowledge
+  distillation);
 - Table 2: the removed block indices of every selection (0-based original indices; iterative BI also in the paper's
   relative convention, ``relative_blocks``);
 - the figures: :func:`cbo_utils.report.figures.draw_all`.

@@ -147,7 +147,8 @@ def block_influence(model, calibration, M: int, iterative: bool = False, batch_s
             removed = _pick_lowest(model, first, M, range(N))
             order = sorted(removed, key=lambda i: (first[i], i))
             return Selection("block_influence", M, removed, order=order, scores=first,
-                             calibration=describe_calibration(calibration), meta=selection_meta(model, batch_size=batch_size))
+                             calibration=describe_calibration(calibration),
+                             meta=selection_meta(model, batch_size=batch_size))
         removed: list[int] = []
         relative: list[int] = []
         bi = first
@@ -162,7 +163,8 @@ def block_influence(model, calibration, M: int, iterative: bool = False, batch_s
             removed.append(best)
             log.info("iterative BI step %d/%d: remove block %d (BI %.5f)", step + 1, M, best, bi[best])
         return Selection("block_influence_iterative", M, removed, order=list(removed), relative=relative,
-                         scores=first, calibration=describe_calibration(calibration), meta=selection_meta(model, batch_size=batch_size))
+                         scores=first, calibration=describe_calibration(calibration),
+                         meta=selection_meta(model, batch_size=batch_size))
 
     return timed(run)
 
@@ -176,7 +178,8 @@ def norm_ratio(model, calibration, M: int, batch_size: int = 1) -> Selection:
         scores = block_statistics(model, calibration, batch_size)["norm_ratio"].tolist()
         removed = _pick_lowest(model, scores, M, range(N))
         return Selection("norm_ratio", M, removed, order=sorted(removed, key=lambda i: (scores[i], i)),
-                         scores=scores, calibration=describe_calibration(calibration), meta=selection_meta(model, batch_size=batch_size))
+                         scores=scores, calibration=describe_calibration(calibration),
+                         meta=selection_meta(model, batch_size=batch_size))
 
     return timed(run)
 
@@ -220,7 +223,8 @@ def tail(model, calibration=None, M: int = 1) -> Selection:
         if M > N - 1:
             raise ValueError(f"tail keeps the last block: M can be at most {N - 1}")
         removed = check_removal(model, range(N - 1 - M, N - 1))
-        return Selection("tail", M, removed, calibration=None if calibration is None else describe_calibration(calibration),
+        return Selection("tail", M, removed,
+                         calibration=None if calibration is None else describe_calibration(calibration),
                          meta=selection_meta(model))
 
     return timed(run)
@@ -241,9 +245,10 @@ def one_shot_perplexity(model, calibration, M: int, batch_size: int = 1, respons
             status, calls = ev.cache_status, ev.block_calls
         removed = _pick_lowest(model, ppl, M, range(N))
         return Selection("one_shot_perplexity", M, removed, order=sorted(removed, key=lambda i: (ppl[i], i)),
-                         scores=[p if math.isfinite(p) else None for p in ppl], calibration=describe_calibration(calibration),
-                         meta=selection_meta(model, batch_size=batch_size, response_only=response_only, prefix_cache=status,
-                                    block_calls=calls))
+                         scores=[p if math.isfinite(p) else None for p in ppl],
+                         calibration=describe_calibration(calibration),
+                         meta=selection_meta(model, batch_size=batch_size, response_only=response_only,
+                                             prefix_cache=status, block_calls=calls))
 
     return timed(run)
 
@@ -291,9 +296,10 @@ def sleb(model, calibration, M: int, batch_size: int = 1, response_only: bool = 
                 if step < M - 1:
                     ev.set_removed(removed)
             status, calls = ev.cache_status, ev.block_calls
-        return Selection("sleb", M, removed, order=list(removed), scores=first, calibration=describe_calibration(calibration),
-                         meta=selection_meta(model, batch_size=batch_size, response_only=response_only, prefix_cache=status,
-                                    block_calls=calls, step_nll=step_nll))
+        return Selection("sleb", M, removed, order=list(removed), scores=first,
+                         calibration=describe_calibration(calibration),
+                         meta=selection_meta(model, batch_size=batch_size, response_only=response_only,
+                                             prefix_cache=status, block_calls=calls, step_nll=step_nll))
 
     return timed(run)
 

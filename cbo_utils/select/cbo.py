@@ -7,13 +7,13 @@
 - re-ranking (:func:`rerank_states`): measure the K lowest-energy states on *held-out calibration text* (never
   evaluation data) — mean cross-entropy, or KL(dense ‖ pruned) — and pick the best: a rule fixed in advance.
 - iterative (:func:`iterative_cbo`): remove a few blocks, recompute A and H on the shrunken model, repeat.
-- stochastic depth (``cbo-sd`` in :mod:`cbo_utils.experiments.compare`; ``collect_gate_gradients(random_removal=(0, M))``):
-  every gradient row is taken at its own random partial removal of 0..M blocks, so H = AᵀA/m is the Fisher
-  averaged over the models met on the way to removing M blocks, not only at the dense model (α = 1). Why: at
-  α = 1 the late blocks of SmolLM2 have small gate gradients, so the paper's Fisher ranks them cheapest, yet
-  removing several of them together is catastrophic (the M = 8 ground state removes 8 of blocks 20–29 → held-out
-  perplexity > 10⁷). Once some blocks are already gone, the remaining blocks' gradients show how much the damaged
-  model relies on them — the same reason iterative methods work, at the cost of one gradient pass.
+- stochastic depth (``cbo-sd`` in :mod:`cbo_utils.experiments.compare`;
+  ``collect_gate_gradients(random_removal=(0, M))``): every gradient row is taken at its own random partial removal of
+  0..M blocks, so H = AᵀA/m is the Fisher averaged over the models met on the way to removing M blocks, not only at the
+  dense model (α = 1). Why: at α = 1 the late blocks of SmolLM2 have small gate gradients, so the paper's Fisher ranks
+  them cheapest, yet removing several of them together is catastrophic (the M = 8 ground state removes 8 of blocks 20–29
+  → held-out perplexity > 10⁷). Once some blocks are already gone, the remaining blocks' gradients show how much the
+  damaged model relies on them — the same reason iterative methods work, at the cost of one gradient pass.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from cbo_utils.calibration import CalibrationSet
 from cbo_utils.core.artifacts import format_blocks, parse_blocks, read_json, sidecar_path
+from cbo_utils.core.profiles import check_keys
 from cbo_utils.gradients import GradientResult, collect_gate_gradients, load_gradients
 from cbo_utils.model.blocks import Gates
 from cbo_utils.model.load import model_device
@@ -348,9 +349,7 @@ def select_cbo(model, calibration: CalibrationSet, M: int, variant: str = DEFAUL
     ``cache_dir`` (a temporary folder when None)."""
     v = get_variant(variant)
     s = {**CBO_SETTINGS, **settings}
-    unknown = sorted(set(settings) - set(CBO_SETTINGS))
-    if unknown:
-        raise ValueError(f"unknown CBO setting(s) {unknown}; allowed: {sorted(CBO_SETTINGS)}")
+    check_keys("CBO", settings, CBO_SETTINGS)
     n = len(calibration)
     if v.uses_heldout and not 0 < s["rerank_samples"] < n:
         raise ValueError(f"{variant} re-ranks on {s['rerank_samples']} held-out windows: give a calibration set of "

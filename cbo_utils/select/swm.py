@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbo_utils.model.blocks import merge_windows, merged_parameters, model_layers
-from cbo_utils.model.loss import Batch, BlockTaps, block_output, call_block, final_norm, forward_blocks, make_batches
+from cbo_utils.model.blocks import final_norm, merge_windows, merged_parameters, model_layers
+from cbo_utils.model.loss import Batch, BlockTaps, block_output, call_block, forward_blocks, make_batches
 from cbo_utils.select.selection import Selection, check_M, describe_calibration, selection_meta, timed
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,8 @@ def sliding_window_merging(model, calibration, M: int, threshold: float | None =
         removed = sorted(k for a, b in windows for k in range(a + 1, b + 1))
         order = [k for a, b in windows for k in range(b, a, -1)]
         sim = ev.similarity(windows)
-        return Selection("sliding_window_merging", M, removed, order=order, calibration=describe_calibration(calibration),
+        return Selection("sliding_window_merging", M, removed, order=order,
+                         calibration=describe_calibration(calibration),
                          meta=selection_meta(model, batch_size=batch_size, windows=[[a, b] for a, b in windows],
                                     threshold=t_ok, threshold_fails=t_fail, similarity=sim, capped=capped,
                                     reached_M=len(removed) == M, evaluations=len(ev.memo), passes=passes,

@@ -229,7 +229,8 @@ def _derive(df: pd.DataFrame, out_dir: Path, cache: dict[str, pd.DataFrame], pro
             lowest = float(sol["energy"].min())
             if bound > lowest + proven_rtol * max(abs(lowest), abs(bound)):
                 raise ValueError(f"{g['instance'].iloc[0]} M={int(g['M'].iloc[0])}: the lower bound {bound!r} from "
-                                 f"cbo_utils.problem.bounds exceeds the energy {lowest!r} of a feasible state a solver found, "
+                                 f"cbo_utils.problem.bounds exceeds the energy {lowest!r} of a feasible state "
+                                 "a solver found, "
                                  f"so it is not a valid bound; fix lower_bound (or run with --no-bound)")
         for i in idx:
             row = df.loc[i]
@@ -355,8 +356,8 @@ def run_benchmark(instances: Iterable[Instance | tuple[str, Any]], M_values: Seq
                   warmup: bool = True) -> pd.DataFrame:
     """Run the benchmark (see the module docstring) and return the full table (typed, with derived columns).
 
-    ``instances``: :class:`~cbo_utils.solvers.instances.Instance` objects or ``(name, H)`` pairs. ``M_values``: numbers of
-    blocks to remove (each must satisfy ``1 <= M < N`` for every instance). ``solvers``: a subset of ``("exact",
+    ``instances``: :class:`~cbo_utils.solvers.instances.Instance` objects or ``(name, H)`` pairs. ``M_values``: numbers
+    of blocks to remove (each must satisfy ``1 <= M < N`` for every instance). ``solvers``: a subset of ``("exact",
     "sa", "tabu")``. ``seeds``: sampler seeds (``sa`` and ``tabu`` run once per seed; exact and the bound are
     deterministic and run once). ``exact_state_limit``: run exact only when ``C(N, M)`` is at most this.
     ``time_limit``: seconds given to ``cbo_utils.problem.bounds.lower_bound`` (with ``use_bound``).
@@ -482,7 +483,8 @@ def run_benchmark(instances: Iterable[Instance | tuple[str, Any]], M_values: Seq
             value = res.get("bound") if isinstance(res, dict) else None
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
                     or not np.isfinite(value):
-                raise ValueError(f"cbo_utils.problem.bounds.lower_bound returned {res!r} for {inst.name} M={M}; expected a "
+                raise ValueError(f"cbo_utils.problem.bounds.lower_bound returned {res!r} for {inst.name} M={M}; "
+                                 "expected a "
                                  f"dict with a finite number under 'bound'")
             details = {str(a): _jsonable(b) for a, b in res.items() if a != "bound"}
             row.update({"energy": float(value), "time_s": wall, "details": json.dumps(details, sort_keys=True),

@@ -189,8 +189,8 @@ class _Side:
 class _Pruner:
     """Certified lower bounds on every completion of a partial state of the split enumeration.
 
-    From the convexification of :func:`cbo_utils.problem.bounds.convexify` (``P ⪰ 0``), made strictly positive definite by
-    moving ``δ`` from the linear to the quadratic part (``P + δI``, ``c − δ``; an identity on binary states), every
+    From the convexification of :func:`cbo_utils.problem.bounds.convexify` (``P ⪰ 0``), made strictly positive definite
+    by moving ``δ`` from the linear to the quadratic part (``P + δI``, ``c − δ``; an identity on binary states), every
     state ``x = (x_X, x_Y)`` over the two halves has ``E(x) = xᵀPx + cᵀx − μm²``. Minimising ``xᵀPx`` over a *real*
     ``x_Y`` leaves the Schur complement ``G_X = P_XX − P_XY P_YY⁻¹ P_YX ⪰ 0``, so for a subset ``T`` of one half and
     any ``S`` of the other ``E(T ∪ S) ≥ c_T + 1_TᵀG_X1_T + min_S c_S − μm²`` — a bound per row (and per column) of a
