@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=_positive, default=20, help="number of lowest states to return")
     p.add_argument("--solver", default="exact", choices=["exact", "sa", "tabu"],
                    help="exact: enumeration of the k lowest, pruned by certified bounds; sa, tabu: heuristics")
-    p.add_argument("--energy", default="fisher", choices=sorted(ENERGIES),
+    p.add_argument("--energy", default="fisher",
+                   choices=sorted(n for n, e in ENERGIES.items() if e.source == "gradients"),
                    help="fisher: xᵀHx (the paper); taylor: −gᵀx + ½xᵀHx")
     p.add_argument("--hessian-kind", default="fisher", choices=["fisher", "exact"])
     p.add_argument("--keep", type=_blocks_arg, help="blocks that must stay, e.g. 0,29")

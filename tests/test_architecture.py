@@ -14,8 +14,8 @@ import torch
 from cbo_utils.core.imports import PACKAGE_DIR, import_closure, module_imports, module_name
 
 #: the layers, top of the pipeline first; a module may import its own layer's modules and the layers above it
-LAYERS = ["core", "calibration", "model", "gradients", "problem", "solvers", "select", "prune", "evaluate",
-          "experiments", "report", "cli", "notebooks"]
+LAYERS = ["core", "calibration", "model", "gradients", "interactions", "problem", "solvers", "select", "prune",
+          "evaluate", "experiments", "report", "cli", "notebooks"]
 
 
 def _layer(mod: str) -> int:

@@ -67,7 +67,7 @@ from cbo_utils.model.standin import (
     standin_settings,
 )
 from cbo_utils.problem.budgets import budget_label, check_budget, normalise_budget
-from cbo_utils.problem.energies import energy_gradient, get_energy
+from cbo_utils.problem.energies import energy_gradient, gradient_energy
 from cbo_utils.problem.ising import quadratic_form
 from cbo_utils.prune.files import layout_from_config, prune_checkpoint_files
 from cbo_utils.select.baselines import block_statistics
@@ -315,7 +315,7 @@ def _checked_budgets(budgets, types: Sequence[str], keep: Sequence[int], block_i
     bad_bi = [m for m in block_influence if m not in ("one_shot", "iterative")]
     if bad_bi:
         raise ValueError(f"block_influence entries must be 'one_shot' or 'iterative', got {bad_bi}")
-    get_energy(energy)  # refuses an unknown energy, naming the registered ones
+    gradient_energy(energy)  # refuses an unknown energy (naming the registered ones) or the pair energy
     for b in budgets_n:
         check_budget(types, b, keep)
     return budgets_n, labels

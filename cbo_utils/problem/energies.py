@@ -2,8 +2,9 @@
 gradients artifact (the Hessian surrogate ``H`` and, where needed, the mean gate gradient ``g``).
 
 A new energy is one :func:`register_energy` call: its name, whether it needs ``g``, the function ``(H, g) -> (Q,
-const)`` and a label for figures. Everything downstream (the problem, the solvers, the bounds, the exports, the
-comparison, the command line's ``--energy``) reads this registry.
+const)`` and a label for figures. ``pairs`` is built from the measured pair table instead of the gradients
+(``source="pairs"``, :mod:`cbo_utils.interactions`). Everything downstream (the problem, the solvers, the bounds,
+the exports, the comparison, the command line's ``--energy``) reads this registry.
 """
 
 from __future__ import annotations
@@ -21,18 +22,23 @@ class Energy:
     build: Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, float]]  # (H, g) -> (Q, const), float64
     label: str = ""  # the formula as figures print it (matplotlib mathtext)
     description: str = ""
+    #: the artifact Q is built from: "gradients" (H, g of the gate gradients) or "pairs" (the measured pair table,
+    #: :mod:`cbo_utils.interactions`, whose matrix is passed as H)
+    source: str = "gradients"
 
 
 ENERGIES: dict[str, Energy] = {}
 
 
 def register_energy(name: str, build, *, needs_g: bool = False, label: str = "", description: str = "",
-                    override: bool = False) -> Energy:
+                    source: str = "gradients", override: bool = False) -> Energy:
     """Add an energy to :data:`ENERGIES` (``build(H, g) -> (Q, const)``; ``g`` is None unless ``needs_g``)."""
     key = str(name).lower()
     if key in ENERGIES and not override:
         raise ValueError(f"an energy named {key!r} is already registered; pass override=True to replace it")
-    ENERGIES[key] = Energy(key, needs_g, build, label or key, description)
+    if source not in ("gradients", "pairs"):
+        raise ValueError(f"source must be 'gradients' or 'pairs', got {source!r}")
+    ENERGIES[key] = Energy(key, needs_g, build, label or key, description, source)
     return ENERGIES[key]
 
 
@@ -42,6 +48,15 @@ def get_energy(name: str) -> Energy:
         raise ValueError(f"unknown energy {name!r}: choose one of "
                          + ", ".join(f"'{e.name}' ({e.description})" for e in ENERGIES.values()))
     return ENERGIES[key]
+
+
+def gradient_energy(name: str) -> Energy:
+    """The energy ``name``, refusing one that is not built from gate gradients (the pair energy needs its table)."""
+    e = get_energy(name)
+    if e.source != "gradients":
+        raise ValueError(f"the energy {e.name!r} is built from a measured pair table ({e.description}), not from gate "
+                         "gradients: use a CBO variant that measures it (cbo-pairs, cbo-pairs-rerank, cbo-pairs-refit)")
+    return e
 
 
 def energy_gradient(name: str, g):
@@ -71,3 +86,12 @@ def _taylor(H, g):
 register_energy("fisher", _fisher, label=r"$E(x) = x^\top H x$", description="xᵀHx, the paper's energy")
 register_energy("taylor", _taylor, needs_g=True, label=r"$E(x) = -g^\top x + \frac{1}{2}x^\top H x$",
                 description="−gᵀx + ½xᵀHx, with the first-order term; −gᵀx = −xᵀdiag(g)x on binary x")
+
+
+def _pairs(P, g):
+    return P, 0.0
+
+
+register_energy("pairs", _pairs, label=r"$E(x) = \sum_i h_i x_i + \sum_{i<j} J_{ij} x_i x_j$ (measured)",
+                description="measured h_i = D({i}) − D(∅), J_ij = D({i,j}) − D({i}) − D({j}) + D(∅); exact on every "
+                            "set of ≤ 2 blocks", source="pairs")

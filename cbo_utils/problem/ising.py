@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cbo_utils.problem.energies import ENERGIES, get_energy
+from cbo_utils.problem.energies import ENERGIES, get_energy, gradient_energy
 
 __all__ = [
     "quadratic_form", "energies", "energies_of_sets", "fisher_energy", "taylor_energy", "BlockRemovalProblem",
@@ -241,6 +241,7 @@ class BlockRemovalProblem:
                      remove: Iterable[int] = (), block_types: Sequence[str] | None = None,
                      only_types: Iterable[str] | None = None) -> BlockRemovalProblem:
         """Build the problem from the Hessian/Fisher matrix ``H`` (and gradient ``g`` for ``energy="taylor"``)."""
+        gradient_energy(energy)  # the pair energy is built from its measured table, not from a Hessian
         Q, const = quadratic_form(H, g, energy)
         return cls(Q=Q, M=M, const=const, keep=tuple(keep), remove=tuple(remove), block_types=block_types,
                    only_types=None if only_types is None else tuple(only_types), energy=str(energy).lower())

@@ -36,10 +36,11 @@ from cbo_utils.calibration import CalibrationSet
 from cbo_utils.core.artifacts import format_blocks, parse_blocks, read_json, sidecar_path
 from cbo_utils.core.profiles import check_keys
 from cbo_utils.gradients import GradientResult, collect_gate_gradients, load_gradients
+from cbo_utils.interactions import PairTable, cached_pair_table, divergence_of_sets
 from cbo_utils.model.blocks import Gates
 from cbo_utils.model.load import model_device
 from cbo_utils.model.loss import calibration_nll
-from cbo_utils.problem.energies import energy_gradient, get_energy
+from cbo_utils.problem.energies import energy_gradient, gradient_energy
 from cbo_utils.problem.ising import BlockRemovalProblem
 from cbo_utils.select.selection import Selection
 from cbo_utils.solvers.heuristics import EXACT_LIMIT, solve
@@ -50,7 +51,7 @@ def cbo_states(grads: GradientResult, M: int, k: int = 20, energy: str = "fisher
                protect_ends: bool = False, keep: Sequence[int] = (), solver: str = "exact", seed: int = 0,
                **solver_kw) -> pd.DataFrame:
     """The k lowest states of one CBO energy variant (a standard states table; ``attrs['variant']`` names it)."""
-    get_energy(energy)  # refuses an unknown energy, naming the registered ones
+    gradient_energy(energy)  # refuses an unknown energy (naming the registered ones) or the pair energy
     H = grads.H if hessian == "fisher" else grads.H_exact
     if H is None:
         raise ValueError("no exact Hessian in these gradients; collect them with exact_hessian_samples > 0")
@@ -227,7 +228,10 @@ class CBOVariant:
 
     ``gradients``: ``dense`` — gate gradients at α = 1 (the paper); ``stochastic`` — each row at a random partial
     removal of 0..M blocks (:func:`cbo_utils.gradients.collect_gate_gradients` with ``random_removal=(0, M)``), the
-    Fisher averaged over the models met on the way to removing M blocks.
+    Fisher averaged over the models met on the way to removing M blocks; ``pairs`` — no gradients: the measured
+    pair table (:mod:`cbo_utils.interactions`, KL(dense ‖ pruned) on every set of ≤ 2 blocks) is the energy.
+    ``refit_rounds``: >0 = the surrogate-refit loop (:func:`refit_pair_energy`) with ``refit_states`` new states
+    measured per round.
     ``energy``: fisher (xᵀHx) | taylor (−gᵀx + ½xᵀHx). ``hessian``: fisher | exact. ``protect_ends``: keep the
     first and last block. ``rerank``: re-rank the K lowest states by cross-entropy on the held-out calibration
     windows and take the best (0 = ground state). ``iterative_step``: >0 = remove that many blocks at a time and
@@ -242,6 +246,8 @@ class CBOVariant:
     rerank: int = 0
     objective: str = "ce"
     iterative_step: int = 0
+    refit_rounds: int = 0
+    refit_states: int = 10
     description: str = ""
 
     @property
@@ -262,6 +268,13 @@ CBO_VARIANTS: dict[str, CBOVariant] = {v.name: v for v in [
                                                              "removals of 0..M blocks), ground state"),
     CBOVariant("cbo-sd-rerank", gradients="stochastic", rerank=20,
                description="stochastic-depth Fisher, 20 lowest re-ranked on held-out calibration cross-entropy"),
+    CBOVariant("cbo-pairs", gradients="pairs", energy="pairs",
+               description="measured pair energy (KL of every single and pair removal), ground state"),
+    CBOVariant("cbo-pairs-rerank", gradients="pairs", energy="pairs", rerank=20, objective="kl",
+               description="measured pair energy, 20 lowest re-ranked by KL on held-out calibration windows"),
+    CBOVariant("cbo-pairs-refit", gradients="pairs", energy="pairs", refit_rounds=3, refit_states=10,
+               description="measured pair energy refit on measured M-sets (3 rounds × 10 states, ridge towards the "
+                           "pair table), the lowest measured KL"),
 ]}
 
 
@@ -310,6 +323,8 @@ def select_cbo_variant(model, calib, heldout, fit, out: Path, v: CBOVariant, M: 
         return Selection(v.name, M, r.removed, seconds=time.perf_counter() - t0, calibration=data.describe(),
                          meta={"gradient_seconds": r.gradient_seconds,
                                "detail": json.dumps([st["added"] for st in r.steps])})
+    if v.gradients == "pairs":
+        return _select_pairs(model, data, heldout, out, v, M, s, seed, t0)
     grads, gfile = variant_gradients(model, data, out, v.gradients, M, s, seed,
                        exact=s["exact_hessian_samples"] if v.hessian == "exact" else 0)
     grad_s = float(grads.meta.get("seconds_gradients", 0.0)) + float(grads.meta.get("seconds_exact_hessian", 0.0))
@@ -334,6 +349,85 @@ def select_cbo_variant(model, calib, heldout, fit, out: Path, v: CBOVariant, M: 
                      energy=energy, states=states,
                      meta={"gradient_seconds": grad_s, "solve_seconds": solve_s, "rerank_seconds": rerank_s,
                            "detail": detail, "gradients_file": gfile})
+
+
+def _select_pairs(model, data, heldout, out: Path, v: CBOVariant, M: int, s: dict, seed: int, t0: float
+                  ) -> Selection:
+    """A pair-energy variant: the measured pair table on ``data`` (cached under ``out``, shared by every M), its k
+    lowest states, then the variant's refit loop or re-ranking."""
+    table = cached_pair_table(model, data, out / f"pairs_kl_{len(data)}.safetensors", objective="kl",
+                              batch_size=s["batch_size"], progress=False)
+    measure_s = float(table.meta.get("seconds", 0.0))
+    t1 = time.perf_counter()
+    Q, const = table.quadratic_form()
+    keep = [0, table.N - 1] if v.protect_ends else []
+    prob = BlockRemovalProblem(Q, M, const=const, energy="pairs", keep=tuple(keep),
+                               block_types=table.meta.get("block_types"))
+    k = max(v.rerank, s["spearman"]["lowest"] if v.name in s["spearman"]["variants"] else 1, 1)
+    solver = "exact" if math.comb(table.N - len(keep), M) <= EXACT_LIMIT else "tabu"
+    states = solve(prob, solver=solver, k=k, seed=seed, **({"progress": False} if solver == "exact" else {}))
+    solve_s = time.perf_counter() - t1
+    best, energy = parse_blocks(states.iloc[0]["removed_blocks"]), float(states.iloc[0]["energy"])
+    rerank_s, detail = 0.0, ""
+    if v.refit_rounds:
+        t2 = time.perf_counter()
+        r = refit_pair_energy(model, data, table, M, rounds=v.refit_rounds, per_round=v.refit_states, keep=keep,
+                              batch_size=s["batch_size"], seed=seed)
+        best, energy, rerank_s = r["best"], r["best_divergence"], time.perf_counter() - t2
+        detail = json.dumps({"measured": len(r["measured"]), "rounds": r["rounds"]})
+    elif v.rerank:
+        rr = rerank_states(model, states, heldout, K=v.rerank, objective=v.objective, progress=False)
+        best = rr.best
+        row = rr.table[rr.table["removed_blocks"] == format_blocks(best)].iloc[0]
+        energy, rerank_s = float(row["energy"]), rr.seconds
+        detail = f"picked energy rank {int(row['rank'])} of {v.rerank}"
+    return Selection(v.name, M, best, seconds=measure_s + solve_s + rerank_s, calibration=data.describe(),
+                     energy=energy, states=states,
+                     meta={"gradient_seconds": measure_s, "solve_seconds": solve_s, "rerank_seconds": rerank_s,
+                           "detail": detail, "gradients_file": f"pairs_kl_{len(data)}.safetensors",
+                           "prefix_cache": table.meta.get("prefix_cache")})
+
+
+def refit_pair_energy(model, calibration, table: PairTable, M: int, *, rounds: int = 3, per_round: int = 10,
+                      ridge: float = 1.0, keep: Sequence[int] = (), batch_size: int = 8, seed: int = 0) -> dict:
+    """The surrogate-refit loop (FMQA / BOCS on the Ising form): measure D of the ``per_round`` lowest not yet
+    measured M-sets of the current energy, refit h and J by ridge regression towards the pair table (the prior;
+    ``ridge`` is the prior's weight in observations), solve again; after ``rounds`` rounds the rule is the measured
+    set of lowest D. Returns ``best``, ``best_divergence``, ``measured`` (set → D) and per-round records."""
+    N = table.N
+    iu = np.triu_indices(N, 1)
+    Q0, const = table.quadratic_form()
+    prior = np.concatenate([np.diag(Q0), 2.0 * Q0[iu]])  # θ = (h, J_i<j)
+    theta = prior.copy()
+    measured: dict[str, float] = {}
+    records = []
+    for r in range(rounds):
+        Q = np.zeros((N, N))
+        Q[iu] = theta[N:] / 2.0
+        Q = Q + Q.T
+        Q[np.diag_indices(N)] = theta[:N]
+        prob = BlockRemovalProblem(Q, M, const=const, energy="pairs", keep=tuple(keep))
+        solver = "exact" if math.comb(N - len(keep), M) <= EXACT_LIMIT else "tabu"
+        states = solve(prob, solver=solver, k=per_round + len(measured), seed=seed,
+                       **({"progress": False} if solver == "exact" else {}))
+        new = [b for b in states_blocks(states) if format_blocks(b) not in measured][:per_round]
+        if not new:
+            break
+        for b, d in zip(new, divergence_of_sets(model, calibration, new, batch_size=batch_size), strict=True):
+            measured[format_blocks(b)] = float(d)
+        sets = [parse_blocks(k) for k in measured]
+        X = np.zeros((len(sets), N))
+        for row, b in enumerate(sets):
+            X[row, b] = 1.0
+        Phi = np.concatenate([X, X[:, iu[0]] * X[:, iu[1]]], axis=1)
+        y = np.array(list(measured.values())) - const
+        theta = prior + np.linalg.solve(Phi.T @ Phi + ridge * np.eye(Phi.shape[1]), Phi.T @ (y - Phi @ prior))
+        best_key = min(measured, key=measured.get)
+        records.append({"round": r + 1, "new": [format_blocks(b) for b in new], "best": best_key,
+                        "best_divergence": measured[best_key]})
+    best_key = min(measured, key=measured.get)
+    return {"best": parse_blocks(best_key), "best_divergence": measured[best_key], "measured": measured,
+            "rounds": records}
 
 
 #: the settings a CBO variant reads (the comparison's defaults for them; see ``compare.DEFAULTS``)
