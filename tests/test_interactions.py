@@ -76,7 +76,7 @@ def test_kl_matches_a_hand_computation():
                 q = F.log_softmax(model(ids).logits[0, :-1].double(), -1)
             tot += float((p.exp() * (p - q)).sum())
             cnt += ids.shape[1] - 1
-    assert t.divergence([1, 4]) == pytest.approx(tot / cnt, rel=1e-5)
+    assert t.divergence([1, 4]) == pytest.approx(tot / cnt, abs=1e-6)   # float32 log-sum-exp: ~1e-7 per token
 
 
 def test_interrupted_measurement_resumes_and_round_trips(tmp_path, monkeypatch):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from cbo_utils.calibration import heldout_text
+from cbo_utils.calibration import EVAL_TEXTS, eval_text
 from cbo_utils.core.artifacts import parse_blocks
-from cbo_utils.core.tables import add_evaluations, key_text
+from cbo_utils.core.tables import add_evaluations, key_text, upsert_rows
 from cbo_utils.evaluate.lmeval import evaluate_tasks, lm_eval_version, task_split
 from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
 from cbo_utils.select.selection import Selection
@@ -47,28 +47,55 @@ def evaluation_model(model, row):
     return model, parse_blocks(row["removed_blocks"])
 
 
-def missing_measurements(results: Path, key: dict, s: dict, retrained: bool) -> tuple[bool, list[str]]:
-    """What is still to measure for a selection: (held-out perplexity?, the lm-eval tasks not yet in the table)."""
+def ppl_task(text: str) -> str:
+    """The evaluations-table task of held-out perplexity on ``text`` (``heldout_ppl`` for BoolQ, as before)."""
+    return "heldout_ppl" if text == "boolq" else f"heldout_ppl_{text}"
+
+
+def heldout_windows(tok, s: dict) -> dict:
+    """The perplexity windows of every held-out text of the settings (``ppl_texts``), the same for every method."""
+    return {t: perplexity_windows(tok, eval_text(t), seq_len=s["ppl_seq_len"], windows=s["ppl_windows"])
+            for t in s.get("ppl_texts") or ["boolq"]}
+
+
+def missing_measurements(results: Path, key: dict, s: dict, retrained: bool) -> tuple[list[str], list[str]]:
+    """What is still to measure for a selection: (the held-out texts without a perplexity, the lm-eval tasks not yet
+    in the table)."""
 
     done = done_rows(results / "evaluations.csv", **key, retrained=retrained)
     have = {(t, key_text(lim)) for t, lim in zip(done.get("task", []), done.get("limit", []))}
-    return ("heldout_ppl", "") not in have, [t for t in s["tasks"] if (t, key_text(s["limit"])) not in have]
+    texts = [t for t in s.get("ppl_texts") or ["boolq"] if (ppl_task(t), "") not in have]
+    return texts, [t for t in s["tasks"] if (t, key_text(s["limit"])) not in have]
+
+
+WINDOW_COLUMNS = ["model", "method", "M", "state", "retrained", "task", "window", "nll", "tokens"]
+
+
+WINDOW_KEY = ["model", "method", "M", "state", "retrained", "task", "window"]
 
 
 def measure_selection(model, tok, key: dict, removed_blocks: str, removed, s: dict, results: Path, retrained: bool,
-             need_ppl: bool, todo: Sequence[str], windows=None) -> None:
-    """Held-out perplexity and the lm-eval ``todo`` tasks of one selection (gated with ``removed`` when given),
-    appended to ``evaluations.csv`` — the one way every selection is measured, before and after retraining."""
+                      ppl_texts: Sequence[str], todo: Sequence[str], windows: dict | None = None) -> None:
+    """Held-out perplexity on ``ppl_texts`` and the lm-eval ``todo`` tasks of one selection (gated with ``removed``
+    when given), appended to ``evaluations.csv`` (per-window NLLs to ``window_nll.csv``, for paired intervals) — the
+    one way every selection is measured, before and after retraining."""
 
     common = {**key, "retrained": retrained, "removed_blocks": removed_blocks}
-    if need_ppl:
-        if windows is None:
-            windows = perplexity_windows(tok, heldout_text(), seq_len=s["ppl_seq_len"], windows=s["ppl_windows"])
+    windows = windows or {}
+    for text in ppl_texts:
+        w = windows.get(text)
+        if w is None:
+            w = perplexity_windows(tok, eval_text(text), seq_len=s["ppl_seq_len"], windows=s["ppl_windows"])
         t0 = time.perf_counter()
-        p = perplexity(model, windows, removed=removed or None)
-        add_evaluations(results, [{**common, "task": "heldout_ppl", "metric": "perplexity", "value": p["perplexity"],
+        p = perplexity(model, w, removed=removed or None)
+        task = ppl_task(text)
+        upsert_rows(results / "window_nll.csv", [
+            {**{k: common[k] for k in ("model", "method", "M", "state", "retrained")}, "task": task, "window": i,
+             "nll": v, "tokens": p["window_tokens"]} for i, v in enumerate(p["window_nll"])],
+            WINDOW_COLUMNS, WINDOW_KEY, float_format="%.17g")
+        add_evaluations(results, [{**common, "task": task, "metric": "perplexity", "value": p["perplexity"],
                                    "stderr": None, "n": p["tokens"], "limit": None, "lm_eval_version": None,
-                                   "split": "boolq passages", "seconds": round(time.perf_counter() - t0, 2)}])
+                                   "split": EVAL_TEXTS[text], "seconds": round(time.perf_counter() - t0, 2)}])
     if todo:
         t0 = time.perf_counter()
         res = evaluate_tasks(model, tok, list(todo), limit=s["limit"], removed=removed or None,

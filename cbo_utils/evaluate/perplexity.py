@@ -42,6 +42,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, removed: Seque
         raise ValueError(f"windows must be a (n, seq_len ≥ 2) tensor of token ids, got shape {tuple(windows.shape)}")
     dev = model_device(model)
     nll, correct, count = 0.0, 0, 0
+    window_nll: list[float] = []  # Σ NLL of each window (the unit the paired intervals resample)
     with contextlib.ExitStack() as stack:
         if removed:
             gates = stack.enter_context(Gates(model))
@@ -51,8 +52,11 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, removed: Seque
             logits = model(input_ids=x, use_cache=False).logits[:, :-1]
             logits = logits if logits.dtype == torch.float64 else logits.float()
             target = x[:, 1:].to(logits.device)
-            nll += float(F.cross_entropy(logits.transpose(1, 2), target, reduction="sum").double())
+            rows = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").double().sum(1)
+            window_nll += rows.cpu().tolist()
+            nll += float(rows.sum())
             correct += int((logits.argmax(-1) == target).sum())
             count += target.numel()
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "accuracy": correct / count, "tokens": count,
-            "seq_len": int(windows.shape[1]), "windows": int(windows.shape[0])}
+            "seq_len": int(windows.shape[1]), "windows": int(windows.shape[0]), "window_nll": window_nll,
+            "window_tokens": int(windows.shape[1]) - 1}

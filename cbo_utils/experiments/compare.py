@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,14 +36,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cbo_utils.calibration import heldout_text, load_calibration
+from cbo_utils.calibration import EVAL_TEXTS, heldout_text, load_calibration
 from cbo_utils.core.artifacts import atomic_write_text, format_blocks, parse_blocks, read_json, write_json
 from cbo_utils.core.profiles import check_keys, m_values, profile_with, results_dir, slug
 from cbo_utils.core.tables import add_evaluations, add_selections, markdown_table, upsert_rows
 from cbo_utils.evaluate.efficiency import measure_checkpoint
 from cbo_utils.evaluate.lmeval import ZERO_SHOT_METRIC, evaluate_tasks, zero_shot_mean
-from cbo_utils.evaluate.measure import done_rows, evaluation_model, measure_selection, missing_measurements
+from cbo_utils.evaluate.measure import (
+    done_rows,
+    evaluation_model,
+    heldout_windows,
+    measure_selection,
+    missing_measurements,
+)
 from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
+from cbo_utils.evaluate.statistics import paired_log_ratio
 from cbo_utils.gradients import load_gradients
 from cbo_utils.model.load import load_model
 from cbo_utils.problem.energies import energy_gradient
@@ -62,7 +70,7 @@ from cbo_utils.solvers.states import read_states_csv, write_states_csv
 # ------------------------------------------------------------------------------------------------ settings
 DEFAULTS: dict[str, Any] = {
     "samples": 32, "max_tokens": 256, "rerank_samples": 8, "batch_size": 8,
-    "ppl_windows": 16, "ppl_seq_len": 256,
+    "ppl_windows": 16, "ppl_seq_len": 256, "ppl_texts": ["boolq"], "bootstrap": 2000,
     "tasks": ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande"], "limit": 100, "task_source": "offline",
     "baselines": ["block_influence", "block_influence_iterative", "norm_ratio", "angular_distance", "tail",
                   "one_shot_perplexity", "taylor_plus", "sleb", "sliding_window_merging"],
@@ -209,19 +217,19 @@ def _state_label(row) -> str:
 
 def _run_evaluations(model, tok, sels: pd.DataFrame, s: dict, results: Path, model_name: str, progress) -> None:
 
-    windows = perplexity_windows(tok, heldout_text(), seq_len=s["ppl_seq_len"], windows=s["ppl_windows"])
+    windows = heldout_windows(tok, s)
     rows = [{"method": "dense", "M": 0, "removed_blocks": "", "seed": 0}] + sels.to_dict("records")
     for row in rows:
         label = "selected" if row["method"] == "dense" else _state_label(row)
         key = {"model": model_name, "method": row["method"], "M": int(row["M"]), "state": label}
-        need_ppl, todo = missing_measurements(results, key, s, retrained=False)
+        ppl_texts, todo = missing_measurements(results, key, s, retrained=False)
         zs = s["zero_shot_methods"]
         if zs != "all" and row["method"] not in set(zs) | {"dense"}:
             todo = []
-        if not need_ppl and not todo:
+        if not ppl_texts and not todo:
             continue  # resuming: nothing left to measure (and no SWM copy to build)
         m, removed = evaluation_model(model, row) if row["method"] != "dense" else (model, None)
-        measure_selection(m, tok, key, row.get("removed_blocks", ""), removed, s, results, False, need_ppl, todo,
+        measure_selection(m, tok, key, row.get("removed_blocks", ""), removed, s, results, False, ppl_texts, todo,
                           windows)
         if progress:
             print(f"  [{model_name}] evaluated {row['method']} M={row['M']} {label}", flush=True)
@@ -348,8 +356,9 @@ def comparison_table(results: Path, metric_tasks: Sequence[str]) -> pd.DataFrame
     recs = []
     for (model, method, M), grp in ev.groupby(["model", "method", "M"]):
         rec: dict[str, Any] = {"model": model, "method": method, "M": int(M)}
-        ppl = grp[(grp["task"] == "heldout_ppl")]["value"]
-        rec["heldout_ppl"] = float(np.exp(np.log(ppl.astype(float)).mean())) if len(ppl) else np.nan
+        for task in sorted(t for t in grp["task"].unique() if str(t).startswith("heldout_ppl")) or ["heldout_ppl"]:
+            ppl = grp[(grp["task"] == task)]["value"]
+            rec[task] = float(np.exp(np.log(ppl.astype(float)).mean())) if len(ppl) else np.nan
         accs = []
         for t in metric_tasks:
             mt = ZERO_SHOT_METRIC.get(t, "acc")
@@ -366,12 +375,42 @@ def comparison_table(results: Path, metric_tasks: Sequence[str]) -> pd.DataFrame
     return pd.DataFrame(recs).sort_values(["model", "M", "heldout_ppl"]).reset_index(drop=True)
 
 
+def paired_table(results: Path, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """For every model, held-out text and M: each method's perplexity ratio to the best baseline on that text (the
+    lowest perplexity among the non-CBO, non-random methods) with a 95 % paired bootstrap interval over the windows
+    (:func:`cbo_utils.evaluate.statistics.paired_log_ratio`); ``separated``: the interval excludes 1."""
+    path = results / "window_nll.csv"
+    if not path.is_file():
+        return pd.DataFrame()
+    w = pd.read_csv(path)
+    w = w[~w["retrained"].astype(str).str.lower().eq("true") & (w["M"] > 0)]
+    rows = []
+    for (model, task, M), grp in w.groupby(["model", "task", "M"]):
+        per = {k: sub.sort_values("window") for k, sub in grp.groupby(["method", "state"])}
+        mean = {k: float(sub["nll"].sum() / sub["tokens"].sum()) for k, sub in per.items()}
+        baselines = [k for k in per if not str(k[0]).startswith("cbo") and k[0] != "random"]
+        if not baselines:
+            continue
+        best = min(baselines, key=mean.get)
+        for k, sub in per.items():
+            both = sub.merge(per[best], on="window", suffixes=("", "_ref"))
+            r = paired_log_ratio(both["nll"], both["nll_ref"], both["tokens"], n_boot=n_boot, seed=seed)
+            rows.append({"model": model, "task": task, "M": int(M), "method": k[0], "state": k[1],
+                         "perplexity": math.exp(mean[k]), "best_baseline": best[0], "ratio": r["ratio"],
+                         "ratio_lo": r["ratio_lo"], "ratio_hi": r["ratio_hi"], "separated": r["separated"],
+                         "windows": r["windows"]})
+    return pd.DataFrame(rows).sort_values(["model", "task", "M", "perplexity"]).reset_index(drop=True) \
+        if rows else pd.DataFrame()
+
+
 def write_report(results: Path, profile: str, s: dict) -> Path:
 
     lines = [f"# Comparison — profile `{profile}`", "",
              f"Generated by `python -m cbo_utils.experiments.compare --profile {profile}` from `evaluations.csv` and "
-             "`selections.csv`. No retraining. Held-out perplexity: BoolQ Wikipedia passages, "
-             f"{s['ppl_windows']} × {s['ppl_seq_len']} tokens. Zero-shot: lm-eval ({s['task_source']} tasks), first "
+             "`selections.csv`. No retraining. Held-out perplexity: "
+             + " and ".join(EVAL_TEXTS[t] for t in s.get("ppl_texts") or ["boolq"])
+             + f", {s['ppl_windows']} × {s['ppl_seq_len']} tokens each (the same windows for every method). "
+             f"Zero-shot: lm-eval ({s['task_source']} tasks), first "
              f"{s['limit']} items of each task, acc_norm for hellaswag/arc_challenge, acc otherwise. Calibration: "
              f"{s['samples']} windows × {s['max_tokens']} tokens for every method (CBO re-ranking variants take "
              f"gradients on the first {s['samples'] - s['rerank_samples']} and re-rank on the last "
@@ -380,6 +419,18 @@ def write_report(results: Path, profile: str, s: dict) -> Path:
         tab = comparison_table(results, s["tasks"])
         for (model, M), grp in tab.groupby(["model", "M"]):
             lines += [f"## {model}, M = {M}", "", markdown_table(grp.drop(columns=["model", "M"])), ""]
+    paired = paired_table(results, n_boot=int(s.get("bootstrap", 2000)))
+    if len(paired):
+        atomic_write_text(results / "paired.csv", paired.to_csv(index=False, float_format="%.6g"))
+        lines += ["## Paired comparison with the best baseline (held-out perplexity)", "",
+                  "Ratio = method's perplexity / the best baseline's on the same windows, with a 95 % bootstrap "
+                  f"interval over windows ({int(s.get('bootstrap', 2000))} draws); **real** = the interval excludes 1.",
+                  ""]
+        for (model, task, M), grp in paired.groupby(["model", "task", "M"], sort=False):
+            g = grp.assign(interval=[f"{lo:.3f}–{hi:.3f}" for lo, hi in zip(grp["ratio_lo"], grp["ratio_hi"])],
+                           real=grp["separated"].map({True: "**real**", False: ""}))
+            lines += [f"### {model}, {task}, M = {M} (best baseline: `{grp['best_baseline'].iloc[0]}`)", "",
+                      markdown_table(g[["method", "state", "perplexity", "ratio", "interval", "real"]]), ""]
     if (results / "evaluations.csv").is_file():
         ev = pd.read_csv(results / "evaluations.csv")
         eff = ev[ev["task"] == "efficiency"]
@@ -410,7 +461,7 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["comparison_table", "compare_settings", "run_compare", "write_report"]
+__all__ = ["comparison_table", "compare_settings", "paired_table", "run_compare", "write_report"]
 
 if __name__ == "__main__":
     sys.exit(main())

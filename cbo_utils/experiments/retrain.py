@@ -171,8 +171,8 @@ def _evaluate(model, tok, sel: dict, cs: dict, s: dict, results: Path, model_nam
     """Held-out perplexity and the lm-eval tasks of the comparison harness, for one selection, unless present."""
 
     key = {"model": model_name, "method": sel["method"], "M": int(sel["M"]), "state": "selected"}
-    need_ppl, todo = missing_measurements(results, key, cs, retrained)
-    measure_selection(model, tok, key, sel["removed_blocks"], removed, cs, results, retrained, need_ppl,
+    ppl_texts, todo = missing_measurements(results, key, cs, retrained)
+    measure_selection(model, tok, key, sel["removed_blocks"], removed, cs, results, retrained, ppl_texts,
              todo if s["evaluate_zero_shot"] else [])
 
 
