@@ -305,3 +305,19 @@ def test_run_baseline_registry_and_rows(llama, tmp_path):
         rows = list(csv.DictReader(fh))
     assert [r["method"] for r in rows] == [s.method for s in sels]
     assert rows[2]["removed"] == f"{_n(model) - 3} {_n(model) - 2}"
+
+
+def test_sleb_path_prefix_equals_a_run_for_the_smaller_M():
+    """SLEB's greedy path for M = 4 contains its M = 2 and M = 3 answers (the comparison runs SLEB once)."""
+    from cbo_utils.select.baselines import greedy_prefix, sleb
+
+    model, tok = build_tiny("tiny-llama", num_layers=8)
+    calib = varied_calibration(tok, n=3)
+    path = sleb(model, calib, 4)
+    assert len(path.meta["step_seconds"]) == 4 and path.meta["step_seconds"] == sorted(path.meta["step_seconds"])
+    for M in (2, 3):
+        direct, pre = sleb(model, calib, M), greedy_prefix(path, M)
+        assert pre.removed == direct.removed and pre.order == direct.order and pre.M == M
+        assert pre.seconds <= path.seconds and pre.meta["path_of"] == 4
+    with pytest.raises(ValueError, match="cannot give M = 5"):
+        greedy_prefix(path, 5)

@@ -121,13 +121,14 @@ def test_pair_variants_return_selections_and_refit_measures_its_pick(tmp_path):
 
     model, tok = build_tiny("tiny-llama")
     calib = CalibrationSet(_calib(tok, n=6), {"source": "test"})
-    sel = select_cbo(model, calib, 2, variant="cbo-pairs", cache_dir=tmp_path)
+    sel = select_cbo(model, calib, 2, variant="cbo-pairs", cache_dir=tmp_path, rerank_samples=2)
     pairs = [list(p) for p in itertools.combinations(range(6), 2)]
-    d = divergence_of_sets(model, calib, pairs)
+    fit = calib.samples[:4]   # every pair variant measures on the fit windows (the last rerank_samples held out)
+    d = divergence_of_sets(model, fit, pairs)
     assert sel.removed == pairs[int(np.argmin(d))] and sel.method == "cbo-pairs"
     assert sel.energy == pytest.approx(d.min(), rel=1e-5)
-    again = select_cbo(model, calib, 2, variant="cbo-pairs", cache_dir=tmp_path)   # the cached table is reused
-    assert again.removed == sel.removed and list(tmp_path.glob("pairs_kl_6.safetensors*"))
+    again = select_cbo(model, calib, 2, variant="cbo-pairs", cache_dir=tmp_path, rerank_samples=2)   # cached
+    assert again.removed == sel.removed and list(tmp_path.glob("pairs_kl_4.safetensors*"))
     from cbo_utils.interactions import measure_pair_table
 
     table = measure_pair_table(model, calib, progress=False)

@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
-from cbo_utils.calibration import EVAL_TEXTS, heldout_text, load_calibration
+from cbo_utils.calibration import EVAL_TEXTS, embedded, heldout_text, load_calibration
 from cbo_utils.core.artifacts import atomic_write_text, format_blocks, parse_blocks, read_json, write_json
 from cbo_utils.core.profiles import check_keys, m_values, profile_with, results_dir, slug
 from cbo_utils.core.tables import add_evaluations, add_selections, markdown_table, upsert_rows
@@ -51,11 +52,10 @@ from cbo_utils.evaluate.measure import (
 )
 from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
 from cbo_utils.evaluate.statistics import paired_log_ratio
-from cbo_utils.gradients import load_gradients
 from cbo_utils.model.load import load_model
-from cbo_utils.problem.energies import energy_gradient
-from cbo_utils.problem.ising import energies, quadratic_form
+from cbo_utils.problem.ising import energies
 from cbo_utils.prune.export import export_pruned
+from cbo_utils.select.baselines import greedy_prefix
 from cbo_utils.select.cbo import (
     CBO_VARIANTS,
     DEFAULT_VARIANT,
@@ -63,6 +63,7 @@ from cbo_utils.select.cbo import (
     random_feasible_sets,
     select_cbo_variant,
     spearman,
+    variant_quadratic_form,
 )
 from cbo_utils.select.methods import run_method
 from cbo_utils.solvers.states import read_states_csv, write_states_csv
@@ -80,6 +81,7 @@ DEFAULTS: dict[str, Any] = {
     "spearman": {"lowest": 30, "random": 20, "variants": ["cbo-paper", "cbo-taylor", "cbo-sd"], "ppl_windows": 8,
                  "zero_shot": None},
     "zero_shot_methods": "all",
+    "dev_windows": 16, "finalist_baselines": 3,
     "threads": None, "models": None, "M_values": None,
 }
 
@@ -96,35 +98,46 @@ def compare_settings(cfg: dict) -> dict:
     unknown = [v for v in s["variants"] if v not in CBO_VARIANTS]
     if unknown:
         raise ValueError(f"unknown CBO variants {unknown} in the profile; choose from {sorted(CBO_VARIANTS)}")
-    if s["default"] not in s["variants"]:
-        raise ValueError(f"the default variant {s['default']!r} must be one of the profile's variants")
+    if s["default"] != "dev" and s["default"] not in s["variants"]:
+        raise ValueError(f"the default variant {s['default']!r} must be one of the profile's variants, or 'dev' (the "
+                         "variant with the lowest development perplexity, chosen by the develop stage)")
+    zs = s["zero_shot_methods"]
+    if not (zs in ("all", "finalists") or isinstance(zs, list)):
+        raise ValueError(f"compare.zero_shot_methods must be 'all', 'finalists' or a list of methods, got {zs!r}")
     if not 0 < s["rerank_samples"] < s["samples"]:
         raise ValueError("rerank_samples must be between 1 and samples − 1 (the held-out part of the calibration)")
     return s
 
 
-def _select_baseline(model, calib, name: str, M: int, s: dict, seed: int | None = None) -> dict:
+#: greedy methods whose path to the largest M contains every smaller M's answer (run once per model)
+GREEDY_PATHS = ("sleb",)
+
+
+def _select_baseline(model, calib, name: str, M: int, s: dict, seed: int | None = None, paths: dict | None = None,
+                     M_max: int | None = None) -> dict:
 
     kw: dict[str, Any] = {"seed": seed} if name == "random" else {}
     if name not in ("random", "tail"):
         kw["batch_size"] = s["batch_size"]
-    sel = run_method(name, model, calib, M, **kw)
+    if name in GREEDY_PATHS and paths is not None and M_max:
+        if name not in paths or paths[name].M < M:
+            paths[name] = run_method(name, model, calib, max(M, M_max), **kw)
+        sel = greedy_prefix(paths[name], M)
+    else:
+        sel = run_method(name, model, calib, M, **kw)
     return {"removed": sel.removed, "energy": None, "selection_seconds": sel.seconds, "selection": sel,
             "relative": " ".join(map(str, sel.relative)) if sel.relative else "",
             "detail": json.dumps({k: v for k, v in sel.meta.items() if k in ("prefix_cache", "threshold",
-                                                                             "block_calls", "windows")},
+                                                                             "block_calls", "windows", "path_of")},
                                  default=str)}
 
 
 def run_compare(profile: str, results: Path | None = None, models: Sequence[str] | None = None,
-                M_values: Sequence[int] | None = None, stages: Sequence[str] = ("select", "evaluate", "correlate",
-                                                                                  "efficiency", "report"),
+                M_values: Sequence[int] | None = None, stages: Sequence[str] = ("select", "develop", "evaluate",
+                                                                                  "correlate", "efficiency", "report"),
                 progress: bool = True, compare: dict | None = None) -> Path:
     """Run the comparison for ``profile`` into ``results/<profile>/``; returns the report path. ``compare``: the
     profile's ``compare:`` section to use instead of the file's (the notebooks pass their parameter)."""
-    import torch
-
-
     cfg = profile_with(profile, "compare", compare)
     s = compare_settings(cfg)
     if s["threads"]:
@@ -145,9 +158,13 @@ def run_compare(profile: str, results: Path | None = None, models: Sequence[str]
         Ms = list(M_values or s.get("M_values") or m_values(cfg, model_name))
         base = {"model": model_name, "calibration_tokens": calib.tokens, "calibration_sha256": calib.sha256}
         if "select" in stages:
-            for M in Ms:
-                _run_selections(model, calib, fit, heldout, out, M, s, seed, base, results, progress)
+            paths: dict = {}  # SLEB's greedy path, computed once for the largest M
+            for M in sorted(Ms):
+                _run_selections(model, calib, fit, heldout, out, M, s, seed, base, results, progress,
+                                paths=paths, M_max=max(Ms))
         sels = done_rows(results / "selections.csv", model=model_name)
+        if "develop" in stages:
+            _run_development(model, tok, sels[sels["M"].isin(Ms)], s, results, model_name, progress)
         if "evaluate" in stages:
             _run_evaluations(model, tok, sels[sels["M"].isin(Ms)], s, results, model_name, progress)
         if "correlate" in stages:
@@ -161,7 +178,8 @@ def run_compare(profile: str, results: Path | None = None, models: Sequence[str]
     return path
 
 
-def _run_selections(model, calib, fit, heldout, out, M, s, seed, base, results, progress) -> None:
+def _run_selections(model, calib, fit, heldout, out, M, s, seed, base, results, progress, paths=None,
+                    M_max=None) -> None:
 
     table = results / "selections.csv"
     jobs: list[tuple[str, Any]] = [(b, None) for b in s["baselines"]]
@@ -185,7 +203,7 @@ def _run_selections(model, calib, fit, heldout, out, M, s, seed, base, results, 
             tokens = calib.tokens
         else:
             try:
-                r = _select_baseline(model, calib, name, M, s, arg)
+                r = _select_baseline(model, calib, name, M, s, arg, paths=paths, M_max=M_max)
             except ValueError as exc:  # a method that does not apply to this model/M (e.g. Taylor+ on 6 blocks)
                 _note_skipped(results, base["model"], name, M, str(exc))
                 print(f"  [{base['model']}] M={M} {name}: not applicable — {exc}")
@@ -215,6 +233,65 @@ def _state_label(row) -> str:
     return f"seed{int(row['seed'])}" if row["method"] == "random" else "selected"
 
 
+DEVELOPMENT_FILE = "development.json"
+
+
+def _run_development(model, tok, sels: pd.DataFrame, s: dict, results: Path, model_name: str, progress) -> None:
+    """Development data, never test data: perplexity of every selection on SciQ held-out windows (the pool disjoint
+    from the calibration windows and from every test text), then the rules fixed in the profile — the default CBO
+    variant (``default: dev``: the CBO variant with the lowest mean log development perplexity over the M values)
+    and the zero-shot finalists (dense, the ``finalist_baselines`` baselines of lowest development perplexity at each
+    M, and the default) — written to ``development.json`` before any test evaluation."""
+    dev = embedded(tok, samples=s["dev_windows"], max_tokens=s["ppl_seq_len"], split="heldout")
+    windows = torch.stack([smp["input_ids"] for smp in dev.samples])
+    rows = [{"method": "dense", "M": 0, "removed_blocks": "", "seed": 0}] + sels.to_dict("records")
+    for row in rows:
+        label = "selected" if row["method"] == "dense" else _state_label(row)
+        key = {"model": model_name, "method": row["method"], "M": int(row["M"]), "state": label}
+        if len(done_rows(results / "evaluations.csv", **key, retrained=False, task="dev_ppl_sciq")):
+            continue
+        m, removed = evaluation_model(model, row) if row["method"] != "dense" else (model, None)
+        p = perplexity(m, windows, removed=removed or None)
+        add_evaluations(results, [{**key, "retrained": False, "removed_blocks": row.get("removed_blocks", ""),
+                                   "task": "dev_ppl_sciq", "metric": "perplexity", "value": p["perplexity"],
+                                   "stderr": None, "n": p["tokens"], "limit": None, "lm_eval_version": None,
+                                   "split": "SciQ held-out pool (development)"}])
+        del m
+    ev = done_rows(results / "evaluations.csv", model=model_name, retrained=False, task="dev_ppl_sciq")
+    ev = ev[ev["state"] == "selected"]
+    logp = ev.assign(lp=np.log(ev["value"].astype(float))).groupby(["method", "M"])["lp"].mean()
+    cbo = [v for v in s["variants"] if any(m == v for m, _ in logp.index)]
+    dev_score = {v: float(logp[v].mean()) for v in cbo}
+    default = min(dev_score, key=dev_score.get) if s["default"] == "dev" and dev_score else s["default"]
+    finalists = {}
+    for M in sorted({int(m) for _, m in logp.index if int(m) > 0}):
+        base = {m: float(v) for (m, mm), v in logp.items() if int(mm) == M and not str(m).startswith("cbo")
+                and m != "dense"}
+        finalists[str(M)] = sorted(base, key=base.get)[:s["finalist_baselines"]] + [default]
+    path = results / DEVELOPMENT_FILE
+    rec = read_json(path) if path.is_file() else {}
+    rec.setdefault("default", {})[model_name] = default
+    rec.setdefault("dev_log_ppl", {})[model_name] = dev_score
+    rec.setdefault("finalists", {})[model_name] = finalists
+    rec["rule"] = ("default: the CBO variant with the lowest mean over M of log perplexity on SciQ held-out windows "
+                   f"({s['dev_windows']} × {s['ppl_seq_len']} tokens); finalists: the {s['finalist_baselines']} "
+                   "baselines of lowest development perplexity at each M, and the default")
+    write_json(path, rec)
+    if progress:
+        print(f"  [{model_name}] development: default {default}; finalists {finalists}", flush=True)
+
+
+def default_variant(results: Path, s: dict, model: str | None = None) -> str:
+    """The default CBO variant of the run: the profile's, or (``default: dev``) the one the develop stage chose."""
+    if s["default"] != "dev":
+        return s["default"]
+    path = results / DEVELOPMENT_FILE
+    chosen = read_json(path).get("default", {}) if path.is_file() else {}
+    if model is not None and model in chosen:
+        return chosen[model]
+    return ", ".join(sorted(set(chosen.values()))) or "dev (not chosen yet: run the develop stage)"
+
+
 def _run_evaluations(model, tok, sels: pd.DataFrame, s: dict, results: Path, model_name: str, progress) -> None:
 
     windows = heldout_windows(tok, s)
@@ -224,6 +301,9 @@ def _run_evaluations(model, tok, sels: pd.DataFrame, s: dict, results: Path, mod
         key = {"model": model_name, "method": row["method"], "M": int(row["M"]), "state": label}
         ppl_texts, todo = missing_measurements(results, key, s, retrained=False)
         zs = s["zero_shot_methods"]
+        if zs == "finalists":
+            zs = (read_json(results / DEVELOPMENT_FILE).get("finalists", {}).get(model_name, {}).get(str(row["M"]), [])
+                  if (results / DEVELOPMENT_FILE).is_file() else [])
         if zs != "all" and row["method"] not in set(zs) | {"dense"}:
             todo = []
         if not ppl_texts and not todo:
@@ -259,12 +339,12 @@ def _run_correlations(model, tok, out: Path, Ms, s, results: Path, model_name: s
                 continue
             v = get_variant(name)
             states = read_states_csv(f).head(sp["lowest"])
-            grads = load_gradients(out / sel["gradients_file"].iloc[0])
-            rand = random_feasible_sets(grads.N, M, sp["random"], seed=1000 + M)
-            X = np.zeros((len(rand), grads.N))
+            Q, const = variant_quadratic_form(v, out / sel["gradients_file"].iloc[0])
+            N = Q.shape[0]
+            rand = random_feasible_sets(N, M, sp["random"], seed=1000 + M)
+            X = np.zeros((len(rand), N))
             for j, r in enumerate(rand):
                 X[j, r] = 1
-            Q, const = quadratic_form(grads.H.numpy(), energy_gradient(v.energy, grads.g.numpy()), v.energy)
             cand = [("lowest", int(r["rank"]), r["removed_blocks"], float(r["energy"])) for _, r in states.iterrows()]
             cand += [("random", j, format_blocks(r), float(e)) for j, (r, e) in enumerate(zip(rand, energies(Q, X,
                                                                                                             const)))]
@@ -322,8 +402,9 @@ def _run_efficiency(model, tok, sels: pd.DataFrame, s, results: Path, out: Path,
     table = results / "evaluations.csv"
     dense_dir = out / "dense"
     todo = [("dense", 0, None, dense_dir)]
-    for _, r in sels[sels["method"] == s["default"]].iterrows():
-        todo.append((s["default"], int(r["M"]), parse_blocks(r["removed_blocks"]), out / f"pruned_M{int(r['M'])}"))
+    default = default_variant(results, s, model_name)
+    for _, r in sels[sels["method"] == default].iterrows():
+        todo.append((default, int(r["M"]), parse_blocks(r["removed_blocks"]), out / f"pruned_M{int(r['M'])}"))
     for method, M, removed, folder in todo:
         if len(done_rows(table, model=model_name, method=method, M=M, state="selected", task="efficiency")):
             continue
@@ -414,7 +495,9 @@ def write_report(results: Path, profile: str, s: dict) -> Path:
              f"{s['limit']} items of each task, acc_norm for hellaswag/arc_challenge, acc otherwise. Calibration: "
              f"{s['samples']} windows × {s['max_tokens']} tokens for every method (CBO re-ranking variants take "
              f"gradients on the first {s['samples'] - s['rerank_samples']} and re-rank on the last "
-             f"{s['rerank_samples']}). Default CBO variant: `{s['default']}`.", ""]
+             f"{s['rerank_samples']}). Default CBO variant: `{default_variant(results, s)}`"
+             + (" (chosen by the rule on development data: the lowest mean log-perplexity over M on SciQ held-out "
+                "windows, `development.json`)" if s["default"] == "dev" else "") + ".", ""]
     if (results / "evaluations.csv").is_file():
         tab = comparison_table(results, s["tasks"])
         for (model, M), grp in tab.groupby(["model", "M"]):
@@ -454,7 +537,8 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=None)
     ap.add_argument("--models", nargs="*", default=None)
     ap.add_argument("--M", nargs="*", type=int, default=None)
-    ap.add_argument("--stages", nargs="*", default=["select", "evaluate", "correlate", "efficiency", "report"])
+    ap.add_argument("--stages", nargs="*", default=["select", "develop", "evaluate", "correlate", "efficiency",
+                                                    "report"])
     args = ap.parse_args(argv)
     path = run_compare(args.profile, Path(args.results) if args.results else None, args.models, args.M, args.stages)
     print(f"report: {path}")

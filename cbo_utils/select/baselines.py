@@ -276,7 +276,9 @@ def sleb(model, calibration, M: int, batch_size: int = 1, response_only: bool = 
         batches = make_batches(model, calibration, batch_size, response_only)
         removed: list[int] = []
         step_nll: list[float] = []
+        step_seconds: list[float] = []
         first: list[float | None] = [None] * N
+        t0 = time.perf_counter()
         with RemovalLoss(model, batches, prefix_cache) as ev:
             ev.set_removed([])
             for step in range(M):
@@ -292,6 +294,7 @@ def sleb(model, calibration, M: int, batch_size: int = 1, response_only: bool = 
                 best = min(cands, key=lambda i: (nll[i], i))
                 removed.append(best)
                 step_nll.append(nll[best])
+                step_seconds.append(round(time.perf_counter() - t0, 3))
                 log.info("SLEB step %d/%d: remove block %d (calibration NLL %.5f)", step + 1, M, best, nll[best])
                 if step < M - 1:
                     ev.set_removed(removed)
@@ -299,9 +302,24 @@ def sleb(model, calibration, M: int, batch_size: int = 1, response_only: bool = 
         return Selection("sleb", M, removed, order=list(removed), scores=first,
                          calibration=describe_calibration(calibration),
                          meta=selection_meta(model, batch_size=batch_size, response_only=response_only,
-                                             prefix_cache=status, block_calls=calls, step_nll=step_nll))
+                                             prefix_cache=status, block_calls=calls, step_nll=step_nll,
+                                             step_seconds=step_seconds))
 
     return timed(run)
+
+
+def greedy_prefix(sel: Selection, M: int) -> Selection:
+    """The selection of ``M`` blocks contained in a greedy path (SLEB, iterative block influence): its first ``M``
+    choices — exactly what the method run for ``M`` returns, as every step depends on the earlier ones only. The
+    seconds are those spent up to step ``M`` (``meta["step_seconds"]``)."""
+    if sel.order is None or len(sel.order) < M:
+        raise ValueError(f"the path of {sel.method} has {len(sel.order or [])} steps; it cannot give M = {M}")
+    steps = sel.meta.get("step_seconds") or []
+    meta = {**sel.meta, "step_nll": (sel.meta.get("step_nll") or [])[:M], "step_seconds": steps[:M],
+            "path_of": sel.M}
+    return Selection(sel.method, M, sorted(sel.order[:M]), order=list(sel.order[:M]), scores=sel.scores,
+                     seconds=float(steps[M - 1]) if len(steps) >= M else sel.seconds, calibration=sel.calibration,
+                     meta=meta)
 
 
 # -------------------------------------------------------------------------------------------------- Taylor+

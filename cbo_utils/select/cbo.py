@@ -36,12 +36,12 @@ from cbo_utils.calibration import CalibrationSet
 from cbo_utils.core.artifacts import format_blocks, parse_blocks, read_json, sidecar_path
 from cbo_utils.core.profiles import check_keys
 from cbo_utils.gradients import GradientResult, collect_gate_gradients, load_gradients
-from cbo_utils.interactions import PairTable, cached_pair_table, divergence_of_sets
+from cbo_utils.interactions import PairTable, cached_pair_table, divergence_of_sets, load_pair_table
 from cbo_utils.model.blocks import Gates
 from cbo_utils.model.load import model_device
 from cbo_utils.model.loss import calibration_nll
 from cbo_utils.problem.energies import energy_gradient, gradient_energy
-from cbo_utils.problem.ising import BlockRemovalProblem
+from cbo_utils.problem.ising import BlockRemovalProblem, quadratic_form
 from cbo_utils.select.selection import Selection
 from cbo_utils.solvers.heuristics import EXACT_LIMIT, solve
 from cbo_utils.solvers.states import states_blocks
@@ -254,6 +254,12 @@ class CBOVariant:
     def uses_heldout(self) -> bool:
         return self.rerank > 0
 
+    @property
+    def uses_fit(self) -> bool:
+        """Measures on the fit windows only (the calibration minus the re-ranking windows): the re-ranking variants,
+        and every pair variant (they share one pair table)."""
+        return self.uses_heldout or self.gradients == "pairs"
+
 
 CBO_VARIANTS: dict[str, CBOVariant] = {v.name: v for v in [
     CBOVariant("cbo-paper", description="the paper: Fisher xᵀHx at α = 1, ground state"),
@@ -308,6 +314,15 @@ def variant_gradients(model, calib, out: Path, kind: str, M: int, s: dict, seed:
     return res, path.name
 
 
+def variant_quadratic_form(v: CBOVariant, path) -> tuple[np.ndarray, float]:
+    """The ``(Q, const)`` of variant ``v`` from its saved artifact (the gradients file, or the pair table)."""
+    if v.gradients == "pairs":
+        return load_pair_table(path).quadratic_form()
+    grads = load_gradients(path)
+    H = grads.H if v.hessian == "fisher" else grads.H_exact
+    return quadratic_form(H.numpy(), energy_gradient(v.energy, grads.g.numpy()), v.energy)
+
+
 # ----------------------------------------------------------------------------------------------- selection
 def select_cbo_variant(model, calib, heldout, fit, out: Path, v: CBOVariant, M: int, s: dict,
                        seed: int) -> Selection:
@@ -316,7 +331,7 @@ def select_cbo_variant(model, calib, heldout, fit, out: Path, v: CBOVariant, M: 
     its ``meta`` the timings (gradients, solve, re-ranking), the gradients file and a detail note."""
 
     t0 = time.perf_counter()
-    data = fit if v.uses_heldout else calib
+    data = fit if v.uses_fit else calib
     if v.iterative_step:
         r = iterative_cbo(model, data, M, step=v.iterative_step, energy=v.energy, protect_ends=v.protect_ends,
                           batch_size=s["batch_size"])
@@ -445,8 +460,8 @@ def select_cbo(model, calibration: CalibrationSet, M: int, variant: str = DEFAUL
     s = {**CBO_SETTINGS, **settings}
     check_keys("CBO", settings, CBO_SETTINGS)
     n = len(calibration)
-    if v.uses_heldout and not 0 < s["rerank_samples"] < n:
-        raise ValueError(f"{variant} re-ranks on {s['rerank_samples']} held-out windows: give a calibration set of "
+    if v.uses_fit and not 0 < s["rerank_samples"] < n:
+        raise ValueError(f"{variant} holds out {s['rerank_samples']} calibration windows: give a calibration set of "
                          f"more than that many samples (got {n}), or set rerank_samples")
     n_fit = n - s["rerank_samples"]
     fit = type(calibration)(calibration.samples[:n_fit], {**calibration.recipe,
