@@ -77,6 +77,7 @@ def test_public_api_selects_applies_without_mutating_and_saves(tmp_path):
     import cbo_utils
     from cbo_utils import METHODS, Selection, load_model, save_pruned, select_blocks
     from cbo_utils.model.blocks import Gates, remove_blocks
+    from cbo_utils.select.cbo import DEFAULT_VARIANT
 
     assert {"cbo-sd-rerank", "block_influence", "sleb", "sliding_window_merging"} <= set(METHODS)
     assert set(cbo_utils.__all__) >= {"load_model", "select_blocks", "Selection", "save_pruned", "METHODS",
@@ -85,7 +86,7 @@ def test_public_api_selects_applies_without_mutating_and_saves(tmp_path):
     model, tok = load_model("tiny-llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sel = select_blocks(model, tok, 2, samples=10, max_tokens=32)      # the default CBO variant
-    assert isinstance(sel, Selection) and sel.method == "cbo-sd-rerank" and len(sel.removed) == 2
+    assert isinstance(sel, Selection) and sel.method == DEFAULT_VARIANT and len(sel.removed) == 2
     assert sel.energy is not None and sel.states is not None
     small = sel.apply(model)
     assert len(small.model.layers) == 4 and len(model.model.layers) == 6

@@ -16,7 +16,6 @@ from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
 from cbo_utils.experiments import compare
 from cbo_utils.model.loss import calibration_nll
 from cbo_utils.model.tiny import build_tiny
-from cbo_utils.select.cbo import DEFAULT_VARIANT
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +36,50 @@ def test_tables_have_every_method(run):
     assert (sel["selection_seconds"] >= 0).all()
     assert len(sel[sel["method"] == "random"]) == 2
     ev = pd.read_csv(run / "evaluations.csv")
+    dev = json.loads((run / "development.json").read_text())
+    finalists = set(dev["finalists"]["tiny-llama"]["2"])
     for method in want | {"dense"}:
         got = ev[(ev["method"] == method) & (ev["task"] != "efficiency")]
-        assert {"heldout_ppl", "arc_easy", "piqa"} <= set(got["task"]), method
+        assert {"heldout_ppl", "heldout_ppl_lambada", "dev_ppl_sciq"} <= set(got["task"]), method
+        assert ({"arc_easy", "piqa"} <= set(got["task"])) == (method in finalists | {"dense"}), method
     acc = ev[(ev["task"] == "piqa") & (ev["metric"] == "acc")]
     assert acc["value"].between(0, 1).all() and (acc["limit"] == 4).all() and (acc["n"] == 4).all()
     report = (run / "comparison.md").read_text()
     assert "M = 2" in report and "cbo-sd-rerank" in report and "## Efficiency" in report
+    assert "## Paired comparison with the best baseline" in report
+
+
+def test_development_rule_picks_the_lowest_development_perplexity(run):
+    """default: dev — the CBO variant of lowest mean log development perplexity (SciQ held-out windows), recomputed
+    here from evaluations.csv; the finalists are the 2 baselines of lowest development perplexity and the default."""
+    ev = pd.read_csv(run / "evaluations.csv")
+    dv = ev[ev["task"] == "dev_ppl_sciq"]
+    s = compare.compare_settings(load_profile("tiny"))
+    score = {v: np.log(dv[dv["method"] == v]["value"]).mean() for v in s["variants"] if (dv["method"] == v).any()}
+    dev = json.loads((run / "development.json").read_text())
+    assert dev["default"]["tiny-llama"] == min(score, key=score.get)
+    assert compare.default_variant(run, s, "tiny-llama") == min(score, key=score.get)
+    base = dv[~dv["method"].str.startswith("cbo") & ~dv["method"].isin(["dense", "random"])]
+    best2 = list(base.sort_values("value")["method"].head(2))
+    assert dev["finalists"]["tiny-llama"]["2"] == best2 + [min(score, key=score.get)]
+
+
+def test_paired_intervals_recomputed_from_the_window_table(run):
+    from cbo_utils.evaluate.statistics import paired_log_ratio
+
+    paired = pd.read_csv(run / "paired.csv")
+    w = pd.read_csv(run / "window_nll.csv")
+    assert set(paired["task"]) == {"heldout_ppl", "heldout_ppl_lambada"}
+    for task, grp in paired.groupby("task"):
+        best = grp["best_baseline"].iloc[0]
+        tw = w[(w["task"] == task) & (w["M"] == 2)]
+        ref = tw[(tw["method"] == best)].sort_values("window")
+        assert grp[grp["method"] == best]["ratio"].iloc[0] == pytest.approx(1.0)
+        r = grp.iloc[-1]
+        mine = tw[(tw["method"] == r["method"]) & (tw["state"] == r["state"])].sort_values("window")
+        got = paired_log_ratio(mine["nll"].to_numpy(), ref["nll"].to_numpy(), mine["tokens"].to_numpy())
+        assert r["ratio"] == pytest.approx(got["ratio"], rel=1e-5)
+        assert r["ratio_lo"] == pytest.approx(got["ratio_lo"], rel=1e-5)
 
 
 def test_perplexity_rows_match_independent_computation(run):
@@ -72,7 +108,7 @@ def test_rerank_picks_lowest_heldout_loss(run):
 
 def test_correlations_and_resume(run, capsys):
     corr = pd.read_csv(run / "correlations.csv")
-    assert set(corr["variant"]) == {"cbo-paper", "cbo-sd"}
+    assert set(corr["variant"]) == {"cbo-paper", "cbo-sd", "cbo-pairs"}
     assert (corr["states"] == 10).all() and corr["spearman_all"].between(-1, 1).all()
     ppl = pd.read_csv(run / "state_perplexities.csv")
     assert (ppl["perplexity"] > 1).all() and not ppl["perplexity"].map(math.isnan).any()
@@ -111,7 +147,8 @@ def test_efficiency_rows(run):
     ev = pd.read_csv(run / "evaluations.csv")
     eff = ev[ev["task"] == "efficiency"]
     dense = eff[(eff["method"] == "dense") & (eff["metric"] == "parameters")]["value"].iloc[0]
-    pruned = eff[(eff["method"] == DEFAULT_VARIANT) & (eff["metric"] == "parameters")]["value"].iloc[0]
+    default = compare.default_variant(run, compare.compare_settings(load_profile("tiny")), "tiny-llama")
+    pruned = eff[(eff["method"] == default) & (eff["metric"] == "parameters")]["value"].iloc[0]
     assert pruned < dense
     from transformers import AutoModelForCausalLM
 
@@ -143,3 +180,17 @@ def test_profile_top_level_keys_are_checked(tmp_path):
     with pytest.raises(ValueError, match=r"unknown profile \(mine.yaml\) setting\(s\) \['sovler'\]; allowed: "):
         load_profile(str(p))
     assert load_profile("tiny")["profile"] == "tiny"  # the packaged profiles pass
+
+
+def test_a_perplexity_on_other_windows_is_measured_again(tmp_path):
+    """Resuming never keeps a held-out perplexity measured on other window settings (the key has no window count)."""
+    from cbo_utils.core.tables import add_evaluations
+    from cbo_utils.evaluate.measure import missing_measurements
+
+    s = {"ppl_texts": ["boolq", "lambada"], "ppl_windows": 32, "ppl_seq_len": 256, "tasks": [], "limit": 20}
+    key = {"model": "m", "method": "sleb", "M": 8, "state": "selected"}
+    row = {**key, "retrained": False, "metric": "perplexity", "value": 90.0, "stderr": None, "limit": None,
+           "lm_eval_version": None}
+    add_evaluations(tmp_path, [{**row, "task": "heldout_ppl", "n": 8 * 255},            # an older, smaller run
+                               {**row, "task": "heldout_ppl_lambada", "n": 32 * 255}])
+    assert missing_measurements(tmp_path, key, s, retrained=False) == (["boolq"], [])

@@ -64,7 +64,10 @@ def missing_measurements(results: Path, key: dict, s: dict, retrained: bool) -> 
 
     done = done_rows(results / "evaluations.csv", **key, retrained=retrained)
     have = {(t, key_text(lim)) for t, lim in zip(done.get("task", []), done.get("limit", []))}
-    texts = [t for t in s.get("ppl_texts") or ["boolq"] if (ppl_task(t), "") not in have]
+    # a perplexity counts as done only on the windows asked for now (a row from other window settings is redone)
+    tokens = s["ppl_windows"] * (s["ppl_seq_len"] - 1)
+    ppl_done = {t for t, n in zip(done.get("task", []), done.get("n", [])) if key_text(n) == key_text(tokens)}
+    texts = [t for t in s.get("ppl_texts") or ["boolq"] if ppl_task(t) not in ppl_done]
     return texts, [t for t in s["tasks"] if (t, key_text(s["limit"])) not in have]
 
 

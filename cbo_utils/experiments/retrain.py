@@ -30,12 +30,12 @@ from cbo_utils.core.profiles import check_keys, m_values, profile_with, results_
 from cbo_utils.core.tables import markdown_table, upsert_rows
 from cbo_utils.evaluate.lmeval import zero_shot_mean
 from cbo_utils.evaluate.measure import done_rows, evaluation_model, measure_selection, missing_measurements
-from cbo_utils.experiments.compare import compare_settings
+from cbo_utils.experiments.compare import compare_settings, default_variant
 from cbo_utils.model.load import load_model
 from cbo_utils.prune.distill import DistillConfig, distill, kd_data, load_teacher, pruned_student
 
 DEFAULTS: dict[str, Any] = {
-    "methods": ["cbo-sd-rerank", "block_influence", "sleb"],   # default CBO + the two best baselines (mini)
+    "methods": ["default", "block_influence", "sleb"],   # the default CBO (the comparison's) + two baselines
     "M_values": None,                                         # None: the profile's M values
     "data": {"source": "embedded", "max_length": 1024, "packing": False, "heldout_fraction": 0.01,
              "heldout_max": None, "max_train": None, "samples": None},
@@ -105,7 +105,7 @@ def run_retrain(profile: str, results: Path | None = None, models: Sequence[str]
         tcfg: DistillConfig = s["per_model"].get(model_name, s["train"])
         sels = done_rows(results / "selections.csv", model=model_name)
         Ms = list(M_values or s["M_values"] or m_values(cfg, model_name))
-        wanted = list(methods or s["methods"])
+        wanted = [default_variant(results, cs, model_name) if m == "default" else m for m in methods or s["methods"]]
         if sels.empty:
             raise FileNotFoundError(f"no selections for {model_name} in {results / 'selections.csv'}: run the "
                                     f"comparison first (make compare PROFILE={cfg['profile']} or python -m "

@@ -56,7 +56,7 @@ from cbo_utils.evaluate.lmeval import ZERO_SHOT_METRIC
 from cbo_utils.model.blocks import PATTERN_LETTER, pattern_types
 from cbo_utils.model.standin import NANO_MODEL_ID
 from cbo_utils.problem.energies import get_energy
-from cbo_utils.select.cbo import spearman
+from cbo_utils.select.cbo import get_variant, spearman
 
 DPI = 150  # fixed: figure sizes below are in inches, so pixel sizes are fixed too
 
@@ -82,14 +82,16 @@ SOURCES = {
     "hybrid_states": "hybrid/hybrid_states.csv is written by make hybrid (python -m cbo_utils.experiments.hybrid)",
 }
 
-#: x-axis label per CBO energy variant (the Fisher H = AᵀA/m of per-sample loss gradients is in nats²; the variant
-#: name in each panel's title says which H).
-ENERGY_LABELS = {
-    "cbo-paper": r"energy $x^\top H x$ (nats$^2$)",
-    "cbo-sd": r"energy $x^\top H x$ (nats$^2$)",
-    "cbo-taylor": r"energy $-g^\top x + \frac{1}{2}x^\top H x$ (nats)",
-}
 ENERGY_DEFAULT = r"energy $E(x)$"
+
+
+def energy_axis_label(variant: str) -> str:
+    """The x-axis label of a CBO variant's energy: its registered energy's formula (:data:`ENERGIES` labels), or a
+    generic label for a name that is not a registered variant."""
+    try:
+        return "energy " + get_energy(get_variant(variant).energy).label
+    except ValueError:
+        return ENERGY_DEFAULT
 
 _RC = {
     "font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 8, "xtick.labelsize": 8,
@@ -386,7 +388,7 @@ def draw_energy_vs_score(state_energies: Any, out_dir: Any, score: str = "perple
                 log_x = bool((e > 0).all() and e.max() >= 100 * e.min())
                 if log_x:
                     ax.set_xscale("log")
-                ax.set_xlabel(ENERGY_LABELS.get(v, ENERGY_DEFAULT) + (", log scale" if log_x else ""))
+                ax.set_xlabel(energy_axis_label(v) + (", log scale" if log_x else ""))
                 ax.set_ylabel("held-out perplexity (log scale)" if score == "perplexity"
                               else "zero-shot mean accuracy (fraction)")
                 ax.grid(alpha=0.3, lw=0.5)
