@@ -60,8 +60,10 @@ def test_development_rule_picks_the_lowest_development_perplexity(run):
     assert dev["default"]["tiny-llama"] == min(score, key=score.get)
     assert compare.default_variant(run, s, "tiny-llama") == min(score, key=score.get)
     base = dv[~dv["method"].str.startswith("cbo") & ~dv["method"].isin(["dense", "random"])]
-    best2 = list(base.sort_values("value")["method"].head(2))
-    assert dev["finalists"]["tiny-llama"]["2"] == best2 + [min(score, key=score.get)]
+    fin = dev["finalists"]["tiny-llama"]["2"]
+    val = dict(zip(base["method"], base["value"]))
+    assert fin[-1] == min(score, key=score.get) and len(fin) == 3   # ties between baselines may go either way
+    assert sorted(val[m] for m in fin[:2]) == pytest.approx(sorted(val.values())[:2])
 
 
 def test_paired_intervals_recomputed_from_the_window_table(run):
