@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from cbo_utils.calibration import CalibrationSet
@@ -97,13 +97,9 @@ class PairTable:
         tensors = {"singles": torch.from_numpy(self.singles.copy()), "pairs": torch.from_numpy(self.pairs.copy()),
                    "base": torch.tensor([self.base], dtype=torch.float64)}
         meta = {"objective": self.objective, "meta": json.dumps(self.meta, default=str)}
-        atomic_write_bytes(path, _safetensors_bytes(tensors, meta))
+        atomic_write_bytes(path, save(tensors, metadata=meta))
         write_sidecar(path, prov or provenance("pair_table", {"objective": self.objective}))
         return path
-
-
-def _safetensors_bytes(tensors: dict, metadata: dict) -> bytes:
-    return save(tensors, metadata=metadata)
 
 
 def load_pair_table(path) -> PairTable:
@@ -199,8 +195,9 @@ def measure_pair_table(model, calibration: CalibrationSet | Sequence[dict], *, o
     ckpt = Path(checkpoint) if checkpoint else None
     key = _run_key(model, samples, objective, batch_size, response_only)
     if ckpt is not None and ckpt.is_file():
-        st = load_file(str(ckpt))
-        info = json.loads(bytes(st["info"].numpy()).decode())
+        with safe_open(str(ckpt), framework="pt") as f:
+            info = json.loads((f.metadata() or {}).get("info", "{}"))
+            st = {k: f.get_tensor(k) for k in f.keys()}
         if info.get("key") == key:
             singles, pairs = st["singles"].double().numpy(), st["pairs"].double().numpy()
             base, tokens, start, cache_status = info["base"], info["tokens"], info["batches"], info["cache"]
@@ -230,9 +227,8 @@ def measure_pair_table(model, calibration: CalibrationSet | Sequence[dict], *, o
             if ckpt is not None and bi + 1 < len(batches):
                 info = {"key": key, "base": base, "tokens": tokens, "batches": bi + 1, "cache": cache_status}
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(ckpt, _safetensors_bytes(
-                    {"singles": torch.from_numpy(singles), "pairs": torch.from_numpy(pairs),
-                     "info": torch.frombuffer(bytearray(json.dumps(info).encode()), dtype=torch.uint8)}, {}))
+                atomic_write_bytes(ckpt, save({"singles": torch.from_numpy(singles), "pairs": torch.from_numpy(pairs)},
+                                              metadata={"info": json.dumps(info)}))
     bar.close()
     if ckpt is not None and ckpt.exists():
         ckpt.unlink()

@@ -280,3 +280,24 @@ def test_csv_round_trip(tmp_path):
     assert not sidecar_path(tmp_path / "sa.csv").exists()
     mat = states_to_matrix(back, 10)
     assert mat.dtype == np.int8 and mat.shape == (len(back), 10) and (mat.sum(1) == 4).all()
+
+
+def test_auto_solver_enumerates_when_affordable_and_falls_back_to_tabu(monkeypatch):
+    """solver="auto": exact enumeration below EXACT_LIMIT feasible states (same table as "exact"), tabu above."""
+    import numpy as np
+
+    from cbo_utils.problem.ising import BlockRemovalProblem
+    from cbo_utils.solvers import heuristics
+
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=(40, 10))
+    prob = BlockRemovalProblem.from_hessian(A.T @ A / 40, 3)
+    auto, exact = heuristics.solve(prob, "auto", k=5), heuristics.solve(prob, "exact", k=5, progress=False)
+    assert list(auto["removed_blocks"]) == list(exact["removed_blocks"])
+    assert "n_states" in auto.attrs["solver_info"]                    # the enumeration's record
+    monkeypatch.setattr(heuristics, "EXACT_LIMIT", 10)                # C(10, 3) = 120 > 10: tabu
+    called = {}
+    real_tabu = heuristics.tabu
+    monkeypatch.setattr(heuristics, "tabu", lambda p, **kw: called.setdefault("tabu", real_tabu(p, **kw)))
+    tab = heuristics.solve(prob, "auto", k=5, progress=False)
+    assert "tabu" in called and tab["energy"].iloc[0] == pytest.approx(exact["energy"].iloc[0])

@@ -52,10 +52,11 @@ def ppl_task(text: str) -> str:
     return "heldout_ppl" if text == "boolq" else f"heldout_ppl_{text}"
 
 
-def heldout_windows(tok, s: dict) -> dict:
-    """The perplexity windows of every held-out text of the settings (``ppl_texts``), the same for every method."""
+def heldout_windows(tok, s: dict, texts: Sequence[str] | None = None) -> dict:
+    """The perplexity windows of the held-out ``texts`` (default: every text of the settings, ``ppl_texts``), the
+    same for every method."""
     return {t: perplexity_windows(tok, eval_text(t), seq_len=s["ppl_seq_len"], windows=s["ppl_windows"])
-            for t in s.get("ppl_texts") or ["boolq"]}
+            for t in (texts if texts is not None else s.get("ppl_texts") or ["boolq"])}
 
 
 def missing_measurements(results: Path, key: dict, s: dict, retrained: bool) -> tuple[list[str], list[str]]:
@@ -84,11 +85,9 @@ def measure_selection(model, tok, key: dict, removed_blocks: str, removed, s: di
     one way every selection is measured, before and after retraining."""
 
     common = {**key, "retrained": retrained, "removed_blocks": removed_blocks}
-    windows = windows or {}
+    windows = windows or heldout_windows(tok, s, ppl_texts)
     for text in ppl_texts:
-        w = windows.get(text)
-        if w is None:
-            w = perplexity_windows(tok, eval_text(text), seq_len=s["ppl_seq_len"], windows=s["ppl_windows"])
+        w = windows[text]
         t0 = time.perf_counter()
         p = perplexity(model, w, removed=removed or None)
         task = ppl_task(text)

@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 
+from cbo_utils.calibration import EVAL_TEXTS
 from cbo_utils.core.artifacts import atomic_write_text, format_blocks, parse_blocks
 from cbo_utils.core.profiles import check_keys, m_values, profile_with, results_dir, slug
 from cbo_utils.core.tables import markdown_table, upsert_rows
@@ -213,7 +214,9 @@ def write_report(results: Path, profile: str, s: dict, cs: dict) -> Path:
              f"AdamW lr {t.lr}, global batch {t.batch_size}, {t.warmup_steps} warm-up steps then cosine, weight decay "
              f"{t.weight_decay}, gradient clipping {t.grad_clip}. Data: `{d['source']}` chat data, max length "
              f"{d['max_length']}, packing {d['packing']}, held-out KL on the held-out split. Evaluation as in "
-             f"comparison.md: held-out perplexity on BoolQ passages ({cs['ppl_windows']} × {cs['ppl_seq_len']}), "
+             f"comparison.md: held-out perplexity on "
+             + " and ".join(EVAL_TEXTS[x] for x in cs.get("ppl_texts") or ["boolq"])
+             + f" ({cs['ppl_windows']} × {cs['ppl_seq_len']} each), "
              f"zero-shot mean of {', '.join(cs['tasks'])} (first {cs['limit']} items each).", ""]
     if (results / "retraining.csv").is_file() and (results / "evaluations.csv").is_file():
         tab = before_after_table(results, cs["tasks"])

@@ -798,10 +798,8 @@ def _plan_method(ctx: FigureInputs):
                                     note=f"stand-in for {_nano_id()}" if stand else None), [hst, side, grad_side])
 
 
-def _plan_energy_vs(score_figure: str):
-    """The planner of Fig. 2 or 3: one panel set per model of ``state_energies.csv``."""
-    draw = {"energy_vs_zero_shot": draw_energy_vs_zero_shot, "energy_vs_perplexity": draw_energy_vs_perplexity}[
-        score_figure]
+def _plan_energy_vs(score_figure: str, draw):
+    """The planner of Fig. 2 or 3 (``draw``): one panel set per model of ``state_energies.csv``."""
 
     def plan(ctx: FigureInputs):
         se, corr = ctx.file("state_energies.csv"), ctx.results / "correlations.csv"
@@ -814,8 +812,8 @@ def _plan_energy_vs(score_figure: str):
     return plan
 
 
-register_figure("energy_vs_zero_shot", "Fig. 2")(_plan_energy_vs("energy_vs_zero_shot"))
-register_figure("energy_vs_perplexity", "Fig. 3")(_plan_energy_vs("energy_vs_perplexity"))
+register_figure("energy_vs_zero_shot", "Fig. 2")(_plan_energy_vs("energy_vs_zero_shot", draw_energy_vs_zero_shot))
+register_figure("energy_vs_perplexity", "Fig. 3")(_plan_energy_vs("energy_vs_perplexity", draw_energy_vs_perplexity))
 
 
 @register_figure("states_map", "Fig. 4")

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from collections.abc import Sequence
@@ -30,20 +29,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from cbo_utils.calibration import CalibrationSet
 from cbo_utils.core.artifacts import format_blocks, parse_blocks, read_json, sidecar_path
 from cbo_utils.core.profiles import check_keys
 from cbo_utils.gradients import GradientResult, collect_gate_gradients, load_gradients
 from cbo_utils.interactions import PairTable, cached_pair_table, divergence_of_sets, load_pair_table
-from cbo_utils.model.blocks import Gates
-from cbo_utils.model.load import model_device
 from cbo_utils.model.loss import calibration_nll
-from cbo_utils.problem.energies import energy_gradient, gradient_energy
+from cbo_utils.problem.energies import energy_gradient
 from cbo_utils.problem.ising import BlockRemovalProblem, quadratic_form
 from cbo_utils.select.selection import Selection
-from cbo_utils.solvers.heuristics import EXACT_LIMIT, solve
+from cbo_utils.solvers.heuristics import solve
 from cbo_utils.solvers.states import states_blocks
 
 
@@ -51,14 +47,13 @@ def cbo_states(grads: GradientResult, M: int, k: int = 20, energy: str = "fisher
                protect_ends: bool = False, keep: Sequence[int] = (), solver: str = "exact", seed: int = 0,
                **solver_kw) -> pd.DataFrame:
     """The k lowest states of one CBO energy variant (a standard states table; ``attrs['variant']`` names it)."""
-    gradient_energy(energy)  # refuses an unknown energy (naming the registered ones) or the pair energy
     H = grads.H if hessian == "fisher" else grads.H_exact
     if H is None:
         raise ValueError("no exact Hessian in these gradients; collect them with exact_hessian_samples > 0")
     keep = sorted(set(keep) | ({0, grads.N - 1} if protect_ends else set()))
     prob = BlockRemovalProblem.from_hessian(H.numpy(), M, energy_gradient(energy, g=grads.g.numpy()),
                                             energy=energy, keep=keep, block_types=grads.meta.get("block_types"))
-    kw = {"progress": False} if solver == "exact" else {}
+    kw = {"progress": False} if solver in ("exact", "auto") else {}
     df = solve(prob, solver=solver, k=k, seed=seed, **kw, **solver_kw)
     df.attrs["variant"] = variant_name(energy, hessian, protect_ends)
     return df
@@ -84,15 +79,6 @@ class RerankResult:
 
 
 @torch.no_grad()
-def _dense_logprobs(model, samples, dev) -> list[torch.Tensor]:
-    out = []
-    for s in samples:
-        logits = model(input_ids=s["input_ids"][None].to(dev)).logits[0, :-1].float()
-        out.append(F.log_softmax(logits, -1).to(torch.bfloat16))  # halves the cache; KL error ≪ differences
-    return out
-
-
-@torch.no_grad()
 def calibration_scores(model, sets: Sequence[Sequence[int]], samples: CalibrationSet | Sequence[dict],
                        objective: str = "ce", progress: bool = False) -> np.ndarray:
     """Mean per-token score of the gated model (α = 0 on each set) on ``samples``: ``ce`` = next-token
@@ -106,23 +92,7 @@ def calibration_scores(model, sets: Sequence[Sequence[int]], samples: Calibratio
 
         return np.array([calibration_nll(model, samples, removed=list(b)) for b in
                          tqdm(sets, desc="re-rank (ce)", disable=not progress)], dtype=np.float64)
-    dev = model_device(model)
-    dense = _dense_logprobs(model, samples, dev)
-    scores = np.zeros(len(sets))
-    with Gates(model) as gates:
-        for j, blocks in enumerate(tqdm(sets, desc=f"re-rank ({objective})", disable=not progress)):
-            a = torch.ones(gates.n)
-            a[list(blocks)] = 0.0
-            gates.alpha = a
-            tot, cnt = 0.0, 0
-            for i, s in enumerate(samples):
-                ids = s["input_ids"][None].to(dev)
-                lp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-                p_dense = dense[i].to(lp.device).float()
-                tot += float((p_dense.exp() * (p_dense - lp)).sum())
-                cnt += ids.shape[1] - 1
-            scores[j] = tot / cnt
-    return scores
+    return divergence_of_sets(model, samples, sets, objective="kl", batch_size=8)
 
 
 def rerank_states(model, states: pd.DataFrame, heldout: CalibrationSet | Sequence[dict], K: int | None = None,
@@ -346,25 +316,24 @@ def select_cbo_variant(model, calib, heldout, fit, out: Path, v: CBOVariant, M: 
     grad_s = float(grads.meta.get("seconds_gradients", 0.0)) + float(grads.meta.get("seconds_exact_hessian", 0.0))
     t1 = time.perf_counter()
     k = max(v.rerank, s["spearman"]["lowest"] if v.name in s["spearman"]["variants"] else 1, 1)
-    free = grads.N - (2 if v.protect_ends else 0)
-    solver = "exact" if math.comb(free, M) <= EXACT_LIMIT else "tabu"  # e.g. M ≥ 16 of Llama-70B's 80 blocks
     states = cbo_states(grads, M, k=k, energy=v.energy, hessian=v.hessian, protect_ends=v.protect_ends,
-                        seed=seed, solver=solver)
+                        seed=seed, solver="auto")   # tabu beyond EXACT_LIMIT, e.g. M ≥ 16 of Llama-70B's 80 blocks
     solve_s = time.perf_counter() - t1
-    rerank_s, detail = 0.0, ""
-    best = parse_blocks(states.iloc[0]["removed_blocks"])
-    energy = float(states.iloc[0]["energy"])
-    if v.rerank:
-        rr = rerank_states(model, states, heldout, K=v.rerank, objective=v.objective, progress=False)
-        best = rr.best
-        row = rr.table[rr.table["removed_blocks"] == format_blocks(best)].iloc[0]
-        energy = float(row["energy"])
-        rerank_s = rr.seconds
-        detail = f"picked energy rank {int(row['rank'])} of {v.rerank}"
+    best, energy, rerank_s, detail = _pick(model, states, heldout, v)
     return Selection(v.name, M, best, seconds=grad_s + solve_s + rerank_s, calibration=data.describe(),
                      energy=energy, states=states,
                      meta={"gradient_seconds": grad_s, "solve_seconds": solve_s, "rerank_seconds": rerank_s,
                            "detail": detail, "gradients_file": gfile})
+
+
+def _pick(model, states: pd.DataFrame, heldout, v: CBOVariant) -> tuple[list[int], float, float, str]:
+    """The variant's rule on its states table: the ground state, or (``rerank``) the best of the K lowest on the
+    held-out windows. Returns (removed blocks, energy, re-ranking seconds, detail)."""
+    if not v.rerank:
+        return parse_blocks(states.iloc[0]["removed_blocks"]), float(states.iloc[0]["energy"]), 0.0, ""
+    rr = rerank_states(model, states, heldout, K=v.rerank, objective=v.objective, progress=False)
+    row = rr.table[rr.table["removed_blocks"] == format_blocks(rr.best)].iloc[0]
+    return rr.best, float(row["energy"]), rr.seconds, f"picked energy rank {int(row['rank'])} of {v.rerank}"
 
 
 def _select_pairs(model, data, heldout, out: Path, v: CBOVariant, M: int, s: dict, seed: int, t0: float
@@ -380,23 +349,16 @@ def _select_pairs(model, data, heldout, out: Path, v: CBOVariant, M: int, s: dic
     prob = BlockRemovalProblem(Q, M, const=const, energy="pairs", keep=tuple(keep),
                                block_types=table.meta.get("block_types"))
     k = max(v.rerank, s["spearman"]["lowest"] if v.name in s["spearman"]["variants"] else 1, 1)
-    solver = "exact" if math.comb(table.N - len(keep), M) <= EXACT_LIMIT else "tabu"
-    states = solve(prob, solver=solver, k=k, seed=seed, **({"progress": False} if solver == "exact" else {}))
+    states = solve(prob, solver="auto", k=k, seed=seed)
     solve_s = time.perf_counter() - t1
-    best, energy = parse_blocks(states.iloc[0]["removed_blocks"]), float(states.iloc[0]["energy"])
-    rerank_s, detail = 0.0, ""
     if v.refit_rounds:
         t2 = time.perf_counter()
         r = refit_pair_energy(model, data, table, M, rounds=v.refit_rounds, per_round=v.refit_states, keep=keep,
                               batch_size=s["batch_size"], seed=seed)
         best, energy, rerank_s = r["best"], r["best_divergence"], time.perf_counter() - t2
         detail = json.dumps({"measured": len(r["measured"]), "rounds": r["rounds"]})
-    elif v.rerank:
-        rr = rerank_states(model, states, heldout, K=v.rerank, objective=v.objective, progress=False)
-        best = rr.best
-        row = rr.table[rr.table["removed_blocks"] == format_blocks(best)].iloc[0]
-        energy, rerank_s = float(row["energy"]), rr.seconds
-        detail = f"picked energy rank {int(row['rank'])} of {v.rerank}"
+    else:
+        best, energy, rerank_s, detail = _pick(model, states, heldout, v)
     return Selection(v.name, M, best, seconds=measure_s + solve_s + rerank_s, calibration=data.describe(),
                      energy=energy, states=states,
                      meta={"gradient_seconds": measure_s, "solve_seconds": solve_s, "rerank_seconds": rerank_s,
@@ -423,9 +385,7 @@ def refit_pair_energy(model, calibration, table: PairTable, M: int, *, rounds: i
         Q = Q + Q.T
         Q[np.diag_indices(N)] = theta[:N]
         prob = BlockRemovalProblem(Q, M, const=const, energy="pairs", keep=tuple(keep))
-        solver = "exact" if math.comb(N - len(keep), M) <= EXACT_LIMIT else "tabu"
-        states = solve(prob, solver=solver, k=per_round + len(measured), seed=seed,
-                       **({"progress": False} if solver == "exact" else {}))
+        states = solve(prob, solver="auto", k=per_round + len(measured), seed=seed)
         new = [b for b in states_blocks(states) if format_blocks(b) not in measured][:per_round]
         if not new:
             break

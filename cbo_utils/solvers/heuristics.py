@@ -5,6 +5,7 @@ that dispatches to any solver (exact above :data:`EXACT_LIMIT` states gives way 
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -142,9 +143,17 @@ _ALIASES = {"simulated_annealing": "sa", "neal": "sa", "enumeration": "exact", "
 
 
 def solve(problem: BlockRemovalProblem, solver: str = "exact", k: int = 20, seed: int = 0, **kw) -> pd.DataFrame:
-    """Run ``solver`` (``"exact"``, ``"sa"``, ``"tabu"``, or the references ``"naive"``, ``"brute_force"``) and
-    return the standard table. ``seed`` is used by the samplers only; extra keywords go to the solver."""
+    """Run ``solver`` (``"exact"``, ``"sa"``, ``"tabu"``, ``"auto"``, or the references ``"naive"``,
+    ``"brute_force"``) and return the standard table. ``"auto"``: exact enumeration (quietly) while the problem has at
+    most :data:`EXACT_LIMIT` feasible states, tabu beyond. ``seed`` is used by the samplers only; extra keywords go to
+    the solver."""
     name = _ALIASES.get(str(solver).lower(), str(solver).lower())
+    if name == "auto":
+        name = "exact" if math.comb(len(problem.free), problem.M_free) <= EXACT_LIMIT else "tabu"
+        if name == "exact":
+            kw.setdefault("progress", False)
+        else:
+            kw.pop("progress", None)
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; known solvers: {', '.join(SOLVERS)} "
                          f"(aliases: {', '.join(_ALIASES)})")
