@@ -22,6 +22,7 @@ as ``pairs.safetensors`` with a provenance sidecar.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -40,8 +41,8 @@ from tqdm.auto import tqdm
 
 from cbo_utils.calibration import CalibrationSet
 from cbo_utils.core.artifacts import atomic_write_bytes, provenance, read_json, sidecar_path, write_sidecar
-from cbo_utils.model.blocks import Gates, final_norm, model_layers
-from cbo_utils.model.loss import Batch, BlockTaps, call_block, make_batches
+from cbo_utils.model.blocks import Gates, RemovalError, check_removal, final_norm, model_layers, without_blocks
+from cbo_utils.model.loss import Batch, BlockTaps, call_block, head_logsumexp, head_nll, make_batches, plain_head
 
 PAIRS_FILE = "pairs.safetensors"
 
@@ -134,7 +135,7 @@ class _Divergence:
             self.p = lp.exp()
             self.negent = (self.p * lp).sum(-1)
             del lp
-            if isinstance(head, torch.nn.Linear):
+            if plain_head(head):
                 self.u = self.p @ head.weight.detach().double()          # (B, T, H): Wᵀp per token
                 self.pb = self.p @ head.bias.detach().double() if head.bias is not None else 0.0
                 self.p = self.p.float()                                  # kept only for the logits path
@@ -156,12 +157,15 @@ class _Divergence:
         return self._total(self.negent - cross + self._lse(z))
 
     def from_hidden(self, hn: torch.Tensor, head) -> float:
-        """The divergence of the candidate whose normed final hidden state is ``hn`` (``head(hn)`` its logits)."""
-        if self.objective != "kl" or self.u is None:
+        """The divergence of the candidate whose normed final hidden state is ``hn`` (``head(hn)`` its logits); for a
+        plain linear head the log-sum-exp goes over vocabulary chunks (:func:`head_logsumexp`)."""
+        if not plain_head(head):
             return self(head(hn))
-        z = head(hn)[:, :-1]
-        cross = (hn[:, :-1].double() * self.u).sum(-1) + self.pb
-        return self._total(self.negent - cross + self._lse(z))
+        h = hn[:, :-1]
+        if self.objective == "ce":
+            return self._total(head_nll(h, head, self.target))
+        cross = (h.double() * self.u).sum(-1) + self.pb
+        return self._total(self.negent - cross + head_logsumexp(h, head))
 
 
 def _run_key(model, calibration, objective: str, batch_size: int, response_only: bool) -> str:
@@ -300,25 +304,39 @@ def _pairs_gated(model, gates: Gates, b: Batch, D, singles, pairs, bar) -> int:
 @torch.no_grad()
 def divergence_of_sets(model, calibration: CalibrationSet | Sequence[dict], sets: Sequence[Sequence[int]], *,
                        objective: str = "kl", batch_size: int = 8, response_only: bool = False) -> np.ndarray:
-    """D of arbitrary removal sets (gated forwards, the dense log-probabilities computed once per batch): the
-    measurement the refit and the re-ranking of pair-energy states use. Shape (len(sets),), float64."""
+    """D of arbitrary removal sets (each the model without those blocks, :func:`without_blocks`, which equals the
+    gated model; the dense log-probabilities computed once per batch): the measurement the refit and the re-ranking
+    of pair-energy states use. Shape (len(sets),), float64."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
     batches = make_batches(model, list(calibration), batch_size, response_only)
+    sets = [sorted(int(i) for i in s) for s in sets]
     out = np.zeros(len(sets))
     tokens = 0
     with Gates(model) as gates:
         for b in batches:
             gates.alpha = torch.ones(gates.n)
-            D = _Divergence(objective, model(input_ids=b.ids, attention_mask=b.attention_mask,
-                                             use_cache=False).logits, b)
+            D = _Divergence(objective, model(input_ids=b.ids, attention_mask=b.attention_mask, use_cache=False).logits,
+                            b)
             tokens += D.tokens
             for k, s in enumerate(sets):
-                a = torch.ones(gates.n)
-                a[list(s)] = 0.0
-                gates.alpha = a
-                out[k] += D(model(input_ids=b.ids, attention_mask=b.attention_mask, use_cache=False).logits)
+                with _removed(model, gates, s):
+                    out[k] += D(model(input_ids=b.ids, attention_mask=b.attention_mask, use_cache=False).logits)
     return out / tokens
+
+
+@contextlib.contextmanager
+def _removed(model, gates: Gates, s: list[int]):
+    """The model without the blocks ``s``: taken out in place when that is a valid removal (the cheaper way), else
+    gated (α = 0 on them — e.g. the last attention block of a hybrid, which the pair table measures too)."""
+    try:
+        check_removal(model, s)
+    except RemovalError:
+        with gates.removed(s):
+            yield
+        return
+    with without_blocks(model, s):
+        yield
 
 
 def cached_pair_table(model, calibration: CalibrationSet, path, *, objective: str = "kl", batch_size: int = 8,

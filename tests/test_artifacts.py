@@ -101,3 +101,23 @@ def test_provenance_names_no_machine_specific_directory(monkeypatch, tmp_path):
     assert rec["inputs"]["config"]["path"] == "cbo_utils/configs/tiny.yaml" and rec["inputs"]["config"]["sha256"]
     assert rec["inputs"]["cached"]["path"] == "$CBO_CACHE/m.json"
     assert str(repo) not in str(rec["command"]) + str(rec["inputs"])
+
+
+def test_a_profile_extends_another_changing_only_what_it_names(tmp_path):
+    from cbo_utils.core.profiles import load_profile
+
+    mini, full = load_profile("mini"), load_profile("mini-full")
+    assert full["profile"] == "mini-full" and "extends" not in full
+    assert full["compare"]["limit"] == 200 and full["compare"]["spearman"]["lowest"] == 25
+    assert full["compare"]["variants"] == mini["compare"]["variants"]            # merged key by key
+    assert full["compare"]["spearman"]["variants"] == mini["compare"]["spearman"]["variants"]
+    assert {k: v for k, v in full.items() if k != "compare" and k != "profile"} == \
+        {k: v for k, v in mini.items() if k != "compare" and k != "profile"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: mini\nprofile: x\nsamplez: 3\n")
+    with pytest.raises(ValueError, match="samplez"):
+        load_profile(str(bad))
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"extends: {loop}\n")
+    with pytest.raises(ValueError, match="more than 4 deep"):
+        load_profile(str(loop))

@@ -321,3 +321,19 @@ def test_sleb_path_prefix_equals_a_run_for_the_smaller_M():
         assert pre.seconds <= path.seconds and pre.meta["path_of"] == 4
     with pytest.raises(ValueError, match="cannot give M = 5"):
         greedy_prefix(path, 5)
+
+
+@pytest.mark.parametrize("name", ["block_influence_iterative", "one_shot_perplexity"])
+def test_every_path_method_of_the_comparison_contains_its_smaller_answers(name):
+    """The comparison runs the methods of ``GREEDY_PATHS`` once, for the largest M, and reads the smaller M off."""
+    from cbo_utils.experiments.compare import GREEDY_PATHS
+    from cbo_utils.select.baselines import greedy_prefix
+    from cbo_utils.select.methods import run_method
+
+    assert name in GREEDY_PATHS
+    model, tok = build_tiny("tiny-llama", num_layers=8)
+    calib = varied_calibration(tok, n=3)
+    path = run_method(name, model, calib, 5)
+    for M in (1, 2, 4):
+        direct, pre = run_method(name, model, calib, M), greedy_prefix(path, M)
+        assert pre.removed == direct.removed and pre.order == direct.order and pre.relative == direct.relative

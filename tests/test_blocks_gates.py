@@ -225,3 +225,36 @@ def test_interrupted_collection_resumes_from_its_checkpoint(tmp_path, monkeypatc
     monkeypatch.setattr(hz, "sample_loss", real)
     other = collect_gate_gradients(model, varied_calibration(tok, n=7, seed=1), progress=False, checkpoint=prefix)
     assert other.meta["resumed_from_sample"] == 0
+
+
+def test_without_blocks_equals_the_gated_model_and_restores_everything(tiny):
+    import copy
+
+    from cbo_utils.model.blocks import remove_blocks, without_blocks
+
+    model, tok = tiny
+    model.eval()
+    x = torch.randint(3, len(tok), (2, 12))
+    ad = get_adapter(model)
+    layers = list(ad.layers(model))
+    idx = [(m, m.layer_idx) for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    config = copy.deepcopy(model.config.to_dict())
+    remove = [1, 2] if num_blocks(model) > 4 else [1]
+    with torch.no_grad():
+        dense = model(x).logits
+        with Gates(model) as g, g.removed(remove):
+            gated = model(x).logits
+        with without_blocks(model, remove):
+            assert num_blocks(model) == len(layers) - len(remove)
+            skipped = model(x).logits
+        pruned = remove_blocks(copy.deepcopy(model), remove)(x).logits   # the independent copy
+    torch.testing.assert_close(skipped, gated, rtol=0, atol=1e-6)
+    torch.testing.assert_close(skipped, pruned, rtol=0, atol=0)
+    assert list(ad.layers(model)) == layers and all(m.layer_idx == i for m, i in idx)
+    assert model.config.to_dict() == config and not hasattr(model.config, "cbo_removed_blocks")
+    with pytest.raises(RuntimeError, match="inside"):   # restored after an error too
+        with without_blocks(model, remove):
+            raise RuntimeError("inside")
+    assert list(ad.layers(model)) == layers and model.config.to_dict() == config
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, dense, rtol=0, atol=0)

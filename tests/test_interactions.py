@@ -145,3 +145,65 @@ def test_the_pair_energy_is_refused_where_gradients_are_expected():
 
     with pytest.raises(ValueError, match="measured pair table"):
         BlockRemovalProblem.from_hessian(np.eye(4), 2, energy="pairs")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_logsumexp_and_nll_equal_the_full_logits(bias):
+    from cbo_utils.model.loss import head_logsumexp, head_nll
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 5003, bias=bias)   # 5003: the last vocabulary chunk is a partial one
+    hn = torch.randn(3, 7, 16, generator=g) * 3
+    target = torch.randint(0, 5003, (3, 7), generator=g)
+    with torch.no_grad():
+        z = head(hn).double()
+        lse = head_logsumexp(hn, head, chunk=1000)
+        nll = head_nll(hn, head, target)
+    torch.testing.assert_close(lse, torch.logsumexp(z, -1), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(nll, F.cross_entropy(z.transpose(1, 2), target, reduction="none"), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_swap_search_ends_in_a_measured_local_minimum():
+    """With every swap measured per round, the swap search stops where no swap lowers the measured KL (checked by
+    measuring every swap of its answer independently) and never ends above its start."""
+    from cbo_utils.interactions import PairTable
+    from cbo_utils.problem.ising import BlockRemovalProblem
+    from cbo_utils.select.cbo import swap_search
+
+    model, tok = build_tiny("tiny-llama")
+    calib = _calib(tok, n=4)
+    table = measure_pair_table(model, calib, progress=False)
+    Q, const = PairTable(table.base, table.singles, table.pairs).quadratic_form()
+    prob = BlockRemovalProblem(Q, 3, const=const, energy="pairs", keep=(0,))
+    start = [3, 4, 5]
+    r = swap_search(model, calib, prob, start, rounds=20, candidates=100)
+    best = r["best"]
+    assert 0 not in best and len(best) == 3
+    d0 = divergence_of_sets(model, calib, [start])[0]
+    assert r["best_divergence"] <= d0 + 1e-12
+    swaps = [sorted([b for b in best if b != o] + [i]) for o in best for i in range(1, 6) if i not in best]
+    d = divergence_of_sets(model, calib, swaps)
+    assert d.min() >= r["best_divergence"] - 1e-12
+    assert divergence_of_sets(model, calib, [best])[0] == pytest.approx(r["best_divergence"], rel=1e-9)
+
+
+def test_measured_diagonal_variant_uses_the_fisher_couplings_and_measured_singles(tmp_path):
+    from cbo_utils.calibration import CalibrationSet
+    from cbo_utils.gradients import load_gradients
+    from cbo_utils.select.cbo import get_variant, measured_diagonal_form, select_cbo, variant_quadratic_form
+
+    model, tok = build_tiny("tiny-llama")
+    calib = CalibrationSet(_calib(tok, n=6), {"source": "test"})
+    sel = select_cbo(model, calib, 2, variant="cbo-sd-hdiag-rerank", cache_dir=tmp_path, rerank_samples=2)
+    assert sel.method == "cbo-sd-hdiag-rerank" and len(sel.removed) == 2
+    gfile, pfile = sel.meta["gradients_file"].split(" ")
+    H, table = load_gradients(tmp_path / gfile).H.numpy(), load_pair_table(tmp_path / pfile)
+    Q = measured_diagonal_form(H, table)
+    np.testing.assert_allclose(np.diag(Q), table.singles - table.base, rtol=0, atol=0)
+    off = ~np.eye(table.N, dtype=bool)
+    np.testing.assert_allclose(Q[off], H[off] / 2, rtol=0, atol=0)
+    Q2, _ = variant_quadratic_form(get_variant("cbo-sd-hdiag-rerank"), tmp_path / sel.meta["gradients_file"])
+    np.testing.assert_array_equal(Q2, Q)
+    sw = select_cbo(model, calib, 2, variant="cbo-pairs-swap", cache_dir=tmp_path, rerank_samples=2)
+    assert sw.method == "cbo-pairs-swap" and "moves" in sw.meta["detail"]

@@ -28,12 +28,14 @@ def profile_path(name_or_path: str) -> Path:
 
 
 #: the top-level keys of a profile (the sections ``compare``, ``retrain``, ``hybrid`` check their own keys)
-PROFILE_KEYS = ("profile", "models", "dtype", "calibration", "samples", "max_tokens", "exact_hessian_samples",
-                "M_values", "k", "solver", "bound", "energy", "seed", "device_map", "compare", "retrain", "hybrid")
+PROFILE_KEYS = ("profile", "extends", "models", "dtype", "calibration", "samples", "max_tokens",
+                "exact_hessian_samples", "M_values", "k", "solver", "bound", "energy", "seed", "device_map", "compare",
+                "retrain", "hybrid")
 
 
-def load_profile(name_or_path: str) -> dict:
-    """A profile (packaged name or YAML path) as a dict; unknown top-level keys are errors."""
+def load_profile(name_or_path: str, _depth: int = 0) -> dict:
+    """A profile (packaged name or YAML path) as a dict; unknown top-level keys are errors. ``extends: <profile>``
+    takes that profile's settings and changes only those given (:func:`merge_settings`)."""
     p = profile_path(name_or_path)
     if not p.is_file():
         raise FileNotFoundError(f"no profile {name_or_path!r} ({p}); choose one of {', '.join(profile_names())} "
@@ -42,7 +44,22 @@ def load_profile(name_or_path: str) -> dict:
     if not isinstance(cfg, dict):
         raise ValueError(f"the profile {p} must be a YAML mapping of settings, got {type(cfg).__name__}")
     check_keys(f"profile ({p.name})", cfg, PROFILE_KEYS)
+    base = cfg.pop("extends", None)
+    if base is not None:
+        if _depth >= 4:
+            raise ValueError(f"the profile {p} extends profiles more than 4 deep (a cycle?); extend a packaged "
+                             "profile that does not extend another")
+        cfg = merge_settings(load_profile(str(base), _depth=_depth + 1), cfg)
     return cfg
+
+
+def merge_settings(base: Mapping, over: Mapping) -> dict:
+    """``base`` with ``over``'s values: mappings are merged key by key (a profile that ``extends`` another names
+    only what it changes), every other value replaces the base's."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_settings(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
 
 
 def profile_with(profile: str, section: str, override=None) -> dict:

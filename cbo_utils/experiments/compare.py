@@ -109,8 +109,9 @@ def compare_settings(cfg: dict) -> dict:
     return s
 
 
-#: greedy methods whose path to the largest M contains every smaller M's answer (run once per model)
-GREEDY_PATHS = ("sleb",)
+#: methods whose answer for the largest M contains every smaller M's (greedy paths, one-shot rankings): run once
+#: per model (:func:`greedy_prefix`; the equality is tested)
+GREEDY_PATHS = ("sleb", "block_influence_iterative", "one_shot_perplexity")
 
 
 def _select_baseline(model, calib, name: str, M: int, s: dict, seed: int | None = None, paths: dict | None = None,

@@ -411,6 +411,37 @@ def remove_blocks(model: nn.Module, remove: Iterable[int]) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def without_blocks(model: nn.Module, remove: Iterable[int]):
+    """The model with ``remove`` physically taken out **in place** for the duration of the block, restored after:
+    the pruned model of :func:`remove_blocks` without a copy of the weights, and without spending the removed blocks'
+    compute as the gated model does (α = 0 still runs them). Its outputs equal the gated model's bitwise (the kept
+    blocks see the same inputs: h + 0·f(h) = h). The layer list, every ``layer_idx`` and the config (every field
+    :func:`remove_blocks` rewrites) are restored on exit, also after an error. An empty ``remove`` changes nothing."""
+    remove = list(remove)
+    if not remove:
+        yield model
+        return
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    saved_idx = [(mod, mod.layer_idx) for mod in model.modules()
+                 if hasattr(mod, "layer_idx") and not isinstance(mod.layer_idx, (list, tuple))]
+    saved_config = copy.deepcopy(model.config.__dict__)
+    try:
+        remove_blocks(model, remove)
+        yield model
+    finally:
+        adapter.set_layers(model, layers)
+        for mod, idx in saved_idx:
+            mod.layer_idx = idx
+        now = model.config.__dict__
+        for k in [k for k in now if k not in saved_config]:
+            del now[k]
+        for k, v in saved_config.items():
+            if k not in now or now[k] != v:   # only the rewritten fields get their saved copies back
+                now[k] = v
+
+
 def cumulative_removed(previous: Sequence[int] | None, remove: Iterable[int], n: int) -> list[int]:
     """``cbo_removed_blocks`` after removing ``remove`` (indices of a model of ``n`` blocks) from a model that had
     already lost ``previous`` (indices of the first model): every index in terms of the first model."""

@@ -151,6 +151,8 @@ def block_influence(model, calibration, M: int, iterative: bool = False, batch_s
                              meta=selection_meta(model, batch_size=batch_size))
         removed: list[int] = []
         relative: list[int] = []
+        step_seconds: list[float] = []
+        t0 = time.perf_counter()
         bi = first
         for step in range(M):
             if step:
@@ -161,10 +163,11 @@ def block_influence(model, calibration, M: int, iterative: bool = False, batch_s
             best = min(cands, key=lambda i: (bi[i], i))
             relative.append(best - sum(1 for r in removed if r < best))
             removed.append(best)
+            step_seconds.append(round(time.perf_counter() - t0, 3))
             log.info("iterative BI step %d/%d: remove block %d (BI %.5f)", step + 1, M, best, bi[best])
         return Selection("block_influence_iterative", M, removed, order=list(removed), relative=relative,
                          scores=first, calibration=describe_calibration(calibration),
-                         meta=selection_meta(model, batch_size=batch_size))
+                         meta=selection_meta(model, batch_size=batch_size, step_seconds=step_seconds))
 
     return timed(run)
 
@@ -309,15 +312,17 @@ def sleb(model, calibration, M: int, batch_size: int = 1, response_only: bool = 
 
 
 def greedy_prefix(sel: Selection, M: int) -> Selection:
-    """The selection of ``M`` blocks contained in a greedy path (SLEB, iterative block influence): its first ``M``
-    choices — exactly what the method run for ``M`` returns, as every step depends on the earlier ones only. The
-    seconds are those spent up to step ``M`` (``meta["step_seconds"]``)."""
+    """The selection of ``M`` blocks contained in a greedy path (SLEB, iterative block influence) or a one-shot
+    ranking (one-shot perplexity, block influence): its first ``M`` choices — exactly what the method run for ``M``
+    returns, as every step depends on the earlier ones only. The seconds are those spent up to step ``M``
+    (``meta["step_seconds"]``; a ranking's whole cost when it has none)."""
     if sel.order is None or len(sel.order) < M:
         raise ValueError(f"the path of {sel.method} has {len(sel.order or [])} steps; it cannot give M = {M}")
     steps = sel.meta.get("step_seconds") or []
     meta = {**sel.meta, "step_nll": (sel.meta.get("step_nll") or [])[:M], "step_seconds": steps[:M],
             "path_of": sel.M}
-    return Selection(sel.method, M, sorted(sel.order[:M]), order=list(sel.order[:M]), scores=sel.scores,
+    return Selection(sel.method, M, sorted(sel.order[:M]), order=list(sel.order[:M]),
+                     relative=list(sel.relative[:M]) if sel.relative else sel.relative, scores=sel.scores,
                      seconds=float(steps[M - 1]) if len(steps) >= M else sel.seconds, calibration=sel.calibration,
                      meta=meta)
 

@@ -201,7 +201,10 @@ class CBOVariant:
     Fisher averaged over the models met on the way to removing M blocks; ``pairs`` — no gradients: the measured
     pair table (:mod:`cbo_utils.interactions`, KL(dense ‖ pruned) on every set of ≤ 2 blocks) is the energy.
     ``refit_rounds``: >0 = the surrogate-refit loop (:func:`refit_pair_energy`) with ``refit_states`` new states
-    measured per round.
+    measured per round. ``measured_diagonal``: the stochastic-depth Fisher's couplings with the measured single-block
+    divergences h_i of the pair table on its diagonal (Q = H/2 off the diagonal, the second-order KL of the step
+    α: 1 → 0, and Q_ii = h_i). ``swap_rounds``: >0 = the swap local search on measured KL (:func:`swap_search`) from
+    the ground state, ``swap_candidates`` swaps measured per round.
     ``energy``: fisher (xᵀHx) | taylor (−gᵀx + ½xᵀHx). ``hessian``: fisher | exact. ``protect_ends``: keep the
     first and last block. ``rerank``: re-rank the K lowest states by cross-entropy on the held-out calibration
     windows and take the best (0 = ground state). ``iterative_step``: >0 = remove that many blocks at a time and
@@ -218,6 +221,9 @@ class CBOVariant:
     iterative_step: int = 0
     refit_rounds: int = 0
     refit_states: int = 10
+    measured_diagonal: bool = False
+    swap_rounds: int = 0
+    swap_candidates: int = 6
     description: str = ""
 
     @property
@@ -228,7 +234,7 @@ class CBOVariant:
     def uses_fit(self) -> bool:
         """Measures on the fit windows only (the calibration minus the re-ranking windows): the re-ranking variants,
         and every pair variant (they share one pair table)."""
-        return self.uses_heldout or self.gradients == "pairs"
+        return self.uses_heldout or self.gradients == "pairs" or self.measured_diagonal
 
 
 CBO_VARIANTS: dict[str, CBOVariant] = {v.name: v for v in [
@@ -251,6 +257,12 @@ CBO_VARIANTS: dict[str, CBOVariant] = {v.name: v for v in [
     CBOVariant("cbo-pairs-refit", gradients="pairs", energy="pairs", refit_rounds=3, refit_states=10,
                description="measured pair energy refit on measured M-sets (3 rounds × 10 states, ridge towards the "
                            "pair table), the lowest measured KL"),
+    CBOVariant("cbo-pairs-swap", gradients="pairs", energy="pairs", swap_rounds=4, swap_candidates=6,
+               description="measured pair energy's ground state, then a swap local search on measured KL (4 rounds "
+                           "× the 6 swaps of lowest pair energy)"),
+    CBOVariant("cbo-sd-hdiag-rerank", gradients="stochastic", measured_diagonal=True, rerank=20, objective="kl",
+               description="stochastic-depth Fisher couplings with the measured single-block KL on the diagonal, "
+                           "20 lowest re-ranked by KL on held-out calibration windows"),
 ]}
 
 
@@ -289,6 +301,11 @@ def variant_quadratic_form(v: CBOVariant, path) -> tuple[np.ndarray, float]:
     """The ``(Q, const)`` of variant ``v`` from its saved artifact (the gradients file, or the pair table)."""
     if v.gradients == "pairs":
         return load_pair_table(path).quadratic_form()
+    if v.measured_diagonal:   # "gradients file" + " " + "pair table file", in one folder
+        path = Path(path)
+        gfile, pfile = path.name.split(" ")
+        return measured_diagonal_form(load_gradients(path.parent / gfile).H.numpy(),
+                                      load_pair_table(path.parent / pfile)), 0.0
     grads = load_gradients(path)
     H = grads.H if v.hessian == "fisher" else grads.H_exact
     return quadratic_form(H.numpy(), energy_gradient(v.energy, grads.g.numpy()), v.energy)
@@ -314,10 +331,20 @@ def select_cbo_variant(model, calib, heldout, fit, out: Path, v: CBOVariant, M: 
     grads, gfile = variant_gradients(model, data, out, v.gradients, M, s, seed,
                        exact=s["exact_hessian_samples"] if v.hessian == "exact" else 0)
     grad_s = float(grads.meta.get("seconds_gradients", 0.0)) + float(grads.meta.get("seconds_exact_hessian", 0.0))
-    t1 = time.perf_counter()
     k = max(v.rerank, s["spearman"]["lowest"] if v.name in s["spearman"]["variants"] else 1, 1)
-    states = cbo_states(grads, M, k=k, energy=v.energy, hessian=v.hessian, protect_ends=v.protect_ends,
-                        seed=seed, solver="auto")   # tabu beyond EXACT_LIMIT, e.g. M ≥ 16 of Llama-70B's 80 blocks
+    if v.measured_diagonal:
+        table = _pair_table(model, data, out, s)
+        grad_s += float(table.meta.get("seconds", 0.0))
+        t1 = time.perf_counter()
+        Q = measured_diagonal_form(grads.H.numpy(), table)
+        keep = [0, table.N - 1] if v.protect_ends else []
+        states = solve(BlockRemovalProblem(Q, M, energy="sd-hdiag", keep=tuple(keep),
+                                           block_types=table.meta.get("block_types")), solver="auto", k=k, seed=seed)
+        gfile = f"{gfile} {pair_table_file(data)}"
+    else:
+        t1 = time.perf_counter()
+        states = cbo_states(grads, M, k=k, energy=v.energy, hessian=v.hessian, protect_ends=v.protect_ends,
+                            seed=seed, solver="auto")   # tabu beyond EXACT_LIMIT, e.g. M ≥ 16 of Llama-70B's 80 blocks
     solve_s = time.perf_counter() - t1
     best, energy, rerank_s, detail = _pick(model, states, heldout, v)
     return Selection(v.name, M, best, seconds=grad_s + solve_s + rerank_s, calibration=data.describe(),
@@ -340,8 +367,7 @@ def _select_pairs(model, data, heldout, out: Path, v: CBOVariant, M: int, s: dic
                   ) -> Selection:
     """A pair-energy variant: the measured pair table on ``data`` (cached under ``out``, shared by every M), its k
     lowest states, then the variant's refit loop or re-ranking."""
-    table = cached_pair_table(model, data, out / f"pairs_kl_{len(data)}.safetensors", objective="kl",
-                              batch_size=s["batch_size"], progress=False)
+    table = _pair_table(model, data, out, s)
     measure_s = float(table.meta.get("seconds", 0.0))
     t1 = time.perf_counter()
     Q, const = table.quadratic_form()
@@ -357,13 +383,73 @@ def _select_pairs(model, data, heldout, out: Path, v: CBOVariant, M: int, s: dic
                               batch_size=s["batch_size"], seed=seed)
         best, energy, rerank_s = r["best"], r["best_divergence"], time.perf_counter() - t2
         detail = json.dumps({"measured": len(r["measured"]), "rounds": r["rounds"]})
+    elif v.swap_rounds:
+        t2 = time.perf_counter()
+        r = swap_search(model, data, prob, parse_blocks(states.iloc[0]["removed_blocks"]), rounds=v.swap_rounds,
+                        candidates=v.swap_candidates, batch_size=s["batch_size"])
+        best, energy, rerank_s = r["best"], r["best_divergence"], time.perf_counter() - t2
+        detail = json.dumps({"measured": len(r["measured"]), "moves": r["moves"]})
     else:
         best, energy, rerank_s, detail = _pick(model, states, heldout, v)
     return Selection(v.name, M, best, seconds=measure_s + solve_s + rerank_s, calibration=data.describe(),
                      energy=energy, states=states,
                      meta={"gradient_seconds": measure_s, "solve_seconds": solve_s, "rerank_seconds": rerank_s,
-                           "detail": detail, "gradients_file": f"pairs_kl_{len(data)}.safetensors",
+                           "detail": detail, "gradients_file": pair_table_file(data),
                            "prefix_cache": table.meta.get("prefix_cache")})
+
+
+def pair_table_file(data) -> str:
+    """The file name of the KL pair table measured on ``data`` (one per calibration part, shared by every M)."""
+    return f"pairs_kl_{len(data)}.safetensors"
+
+
+def _pair_table(model, data, out: Path, s: dict) -> PairTable:
+    return cached_pair_table(model, data, out / pair_table_file(data), objective="kl", batch_size=s["batch_size"],
+                             progress=False)
+
+
+def measured_diagonal_form(H: np.ndarray, table: PairTable) -> np.ndarray:
+    """Q of the ``measured_diagonal`` variant: H/2 off the diagonal (xᵀ(H/2)x is the second-order KL of the step
+    α: 1 → 0 on the removed blocks, the Fisher being the KL's Hessian) and the measured h_i on it."""
+    if H.shape != (table.N, table.N):
+        raise ValueError(f"the Fisher is {H.shape[0]}×{H.shape[1]} but the pair table has {table.N} blocks")
+    Q = np.asarray(H, dtype=np.float64) / 2.0
+    Q[np.diag_indices(table.N)] = table.h
+    return Q
+
+
+def swap_search(model, calibration, prob: BlockRemovalProblem, start: Sequence[int], *, rounds: int = 4,
+                candidates: int = 6, batch_size: int = 8) -> dict:
+    """Swap local search on measured KL: from ``start``, every round measures D (KL(dense ‖ pruned) on
+    ``calibration``) of the ``candidates`` not yet measured swaps (one removed block for one kept, feasible for
+    ``prob``) of lowest surrogate energy ``prob.energy`` and moves to the best of them if it lowers the measured D;
+    it stops after ``rounds`` rounds or when no measured swap improves. Returns ``best``, ``best_divergence``,
+    ``measured`` (set → D) and ``moves`` (the sets moved to)."""
+    current = sorted(int(b) for b in start)
+    measured = {format_blocks(current): float(divergence_of_sets(model, calibration, [current],
+                                                                 batch_size=batch_size)[0])}
+    moves = []
+    for _ in range(rounds):
+        swaps = [sorted([b for b in current if b != out_b] + [in_b]) for out_b in current
+                 for in_b in range(prob.N) if in_b not in current]
+        swaps = [c for c in swaps if format_blocks(c) not in measured]
+        X = np.zeros((len(swaps), prob.N))
+        for row, c in enumerate(swaps):
+            X[row, c] = 1.0
+        ok = prob.feasible(X) if swaps else np.zeros(0, dtype=bool)
+        if not ok.any():
+            break
+        swaps, e = [c for c, f in zip(swaps, ok, strict=True) if f], prob.energy_of(X[ok])
+        picked = [swaps[i] for i in np.argsort(e, kind="stable")[:candidates]]
+        for c, d in zip(picked, divergence_of_sets(model, calibration, picked, batch_size=batch_size), strict=True):
+            measured[format_blocks(c)] = float(d)
+        best = min(picked, key=lambda c: measured[format_blocks(c)])
+        if measured[format_blocks(best)] >= measured[format_blocks(current)]:
+            break
+        current = best
+        moves.append(format_blocks(current))
+    return {"best": current, "best_divergence": measured[format_blocks(current)], "measured": measured,
+            "moves": moves}
 
 
 def refit_pair_energy(model, calibration, table: PairTable, M: int, *, rounds: int = 3, per_round: int = 10,
