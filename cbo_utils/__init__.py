@@ -17,6 +17,9 @@ The package reads along the pipeline (each layer imports only the ones above it 
 
 The public API (imported lazily, so ``import cbo_utils`` stays cheap)::
 
+    import cbo_utils
+    summary = cbo_utils.compress("smollm2", M=8, out="smollm2-M8")   # select, prune, verify, measure: one call
+
     from cbo_utils import load_model, select_blocks, save_pruned
     model, tok = load_model("smollm2")
     sel = select_blocks(model, tok, M=8)               # the default CBO variant; method="block_influence", ...
@@ -42,6 +45,7 @@ _API = {
     "BlockRemovalProblem": "cbo_utils.problem.ising",
     "solve": "cbo_utils.solvers.heuristics",
     "save_pruned": "cbo_utils.prune.export",
+    "compress": "cbo_utils.experiments.compress",
 }
 __all__ = sorted(_API)
 

@@ -1,5 +1,6 @@
-"""The ``cbo`` command line: gradients → solve → prune → verify, without notebooks.
+"""The ``cbo`` command line: one command to compress a model, or the steps gradients → solve → prune → verify.
 
+    cbo compress  --model smollm2 -M 8 --out smollm2-M8     # select (default CBO), prune, verify, measure
     cbo blocks    --model smollm2
     cbo gradients --model smollm2 --calibration embedded --out results/smollm2 --samples 128 --max-tokens 256
     cbo solve     --hessian results/smollm2 -M 8 -k 20 --solver exact --out results/smollm2/states_M8.csv
@@ -8,6 +9,7 @@
     cbo retrain   --teacher smollm2 --student pruned/smollm2-M8 --out retrained/smollm2-M8 --max-steps 30
     cbo hybrid    --profile mini                       # only-MoE / only-attention / ... removal on the hybrid model
     cbo prune-files Nemotron-FP8/ --remove 8,10,38 --out Nemotron-FP8-pruned/
+    cbo prune-files model.Q4_1.gguf --remove 3,7,12 --out pruned.gguf   # GGUF: quantised data kept byte for byte
 
 Models: a local folder, a Hub id, ``smollm2`` (the embedded SmolLM2-135M-Instruct) or a tiny model built in code
 (``tiny-llama``, ``tiny-qwen3``, ``tiny-nemotron-h``). Block indices are 0-based everywhere.
@@ -25,6 +27,7 @@ from pathlib import Path
 from cbo_utils.calibration import load_calibration
 from cbo_utils.core.artifacts import parse_blocks, provenance, sidecar_path
 from cbo_utils.experiments.compare import run_compare
+from cbo_utils.experiments.compress import compress
 from cbo_utils.experiments.hybrid import run_profile, summary_table
 from cbo_utils.gradients import collect_gate_gradients, gradients_provenance, load_gradients
 from cbo_utils.model.blocks import describe_blocks
@@ -34,7 +37,7 @@ from cbo_utils.problem.energies import ENERGIES, energy_gradient
 from cbo_utils.problem.ising import BlockRemovalProblem
 from cbo_utils.prune.distill import DistillConfig, distill, kd_data, load_teacher, pruned_student
 from cbo_utils.prune.export import export_pruned, verify_export
-from cbo_utils.prune.files import prune_checkpoint_files
+from cbo_utils.prune.files import prune_checkpoint_files, prune_gguf_file
 from cbo_utils.select.methods import run_method
 from cbo_utils.select.selection import write_selections_csv
 from cbo_utils.solvers.heuristics import solve
@@ -280,8 +283,21 @@ def cmd_hybrid(args) -> int:
     return 0
 
 
-def cmd_prune_files(args) -> int:
+def cmd_compress(args) -> int:
+    compress(args.model, args.M, args.out, method=args.method, calibration=args.calibration, samples=args.samples,
+             max_tokens=args.max_tokens, retrain_steps=args.retrain_steps, dtype=args.dtype,
+             device_map=args.device_map, seed=args.seed)
+    print(f"summary: {Path(args.out) / 'summary.md'}")
+    return 0
 
+
+def cmd_prune_files(args) -> int:
+    if str(args.src).endswith(".gguf"):
+        rep = prune_gguf_file(args.src, args.remove, args.out, overwrite=args.overwrite)
+        print(f"wrote {rep['out']}: removed blocks {' '.join(map(str, rep['removed_blocks']))} of "
+              f"{rep['block_count'][0]} ({rep['tensors'][0]} → {rep['tensors'][1]} tensors, data copied byte for "
+              f"byte; rewritten: {', '.join(rep['fields_rewritten'])})")
+        return 0
     out = prune_checkpoint_files(args.src, args.remove, args.out, overwrite=args.overwrite, method="manual",
                                  source=str(args.src))
     print(f"wrote {out}: removed blocks {' '.join(map(str, args.remove))} (weights renamed without loading the "
@@ -422,11 +438,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune-files", help="remove blocks from a checkpoint folder without loading it (e.g. the "
                                            "FP8 checkpoint with a selection made on the BF16 one)")
-    p.add_argument("src", help="a save_pretrained folder with safetensors weights")
+    p.add_argument("src", help="a save_pretrained folder with safetensors weights, or a .gguf file")
     p.add_argument("--remove", type=_blocks_arg, required=True, help="0-based blocks, e.g. 8,10,38")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_prune_files)
+
+    p = sub.add_parser("compress", help="one command: select M blocks (default CBO), remove them, verify, optionally "
+                                        "retrain, and measure before → after")
+    _common_model_args(p)
+    p.add_argument("-M", type=_positive, required=True, help="number of blocks to remove")
+    p.add_argument("--out", required=True, help="a new folder (an interrupted run resumes in it)")
+    p.add_argument("--method", default="cbo", help="cbo (the default CBO variant) or any method of `cbo baseline`")
+    p.add_argument("--calibration", default="embedded", help="embedded | text:PATH | jsonl:PATH | hf:NAME")
+    p.add_argument("--samples", type=_positive, default=16, help="calibration windows (default 16)")
+    p.add_argument("--max-tokens", type=_positive, default=128, help="tokens per window (default 128)")
+    p.add_argument("--retrain-steps", type=int, default=0, help="knowledge-distillation steps after pruning (0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("verify", help="check an exported model against the original")
     p.add_argument("folder")

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+
+import torch
 
 _MEASURE = r"""
 import json, resource, sys, time, torch
@@ -39,6 +42,26 @@ print(json.dumps({"parameters": params, "peak_rss_gb": peak_gb(),
                   "prefill_tokens_per_s": prompt_len / t_prefill, "generate_tokens_per_s": gen_len / t_gen,
                   "prompt_len": prompt_len, "gen_len": gen_len, "threads": threads}))
 """
+
+
+@torch.no_grad()
+def tokens_per_second(model, prompt_len: int = 128, gen_len: int = 32) -> dict:
+    """Prefill and greedy-generation tokens/s of ``model`` in this process (a random prompt, seeded; one warm-up
+    generation first) — for models compared side by side in one run."""
+    vocab = int(model.config.vocab_size)
+    dev = next(model.parameters()).device
+    ids = torch.randint(min(10, vocab - 1), max(11, vocab - 10), (1, prompt_len),
+                        generator=torch.Generator().manual_seed(0)).to(dev)
+    kw = {"do_sample": False, "pad_token_id": getattr(model.config, "pad_token_id", None) or 0}
+    model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)   # warm-up
+    t0 = time.perf_counter()
+    model(ids)
+    t_prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=gen_len, min_new_tokens=gen_len, **kw)
+    t_gen = time.perf_counter() - t0
+    return {"prefill_tokens_per_s": prompt_len / t_prefill, "generate_tokens_per_s": gen_len / t_gen,
+            "prompt_len": prompt_len, "gen_len": gen_len}
 
 
 def measure_checkpoint(path, prompt_len: int = 128, gen_len: int = 32, threads: int | None = None) -> dict:

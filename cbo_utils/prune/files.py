@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -311,3 +312,90 @@ def _copy_other_files(src: Path, tmp: Path, shards: set[str], kept: Sequence[int
         else:
             shutil.copy2(p, tmp / p.name)
     return quant_rec, skipped
+
+
+# ------------------------------------------------------------------------------------------------------- GGUF
+_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def gguf_layout(path) -> dict[str, Any]:
+    """The architecture, block count and tensor count of a GGUF file (metadata only)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    arch = r.fields["general.architecture"].contents()
+    return {"architecture": arch, "block_count": int(r.fields[f"{arch}.block_count"].contents()),
+            "tensors": len(r.tensors), "fields": len(r.fields)}
+
+
+def prune_gguf_file(src, remove, out, *, overwrite: bool = False) -> dict[str, Any]:
+    """Remove blocks ``remove`` (0-based) from the GGUF file ``src`` WITHOUT loading the model, into ``out``.
+
+    The ``blk.<i>.*`` tensors of removed blocks are dropped and the rest renumbered (also the tensors of blocks
+    beyond ``block_count``, e.g. multi-token-prediction layers, shifted down); ``<arch>.block_count`` is rewritten,
+    every per-layer metadata array of ``<arch>.*`` (length = block count) filtered, ``leading_dense_block_count``
+    recounted; every other field is copied with its type; tensor data (quantised or not) is copied byte for byte.
+    Written atomically (a temporary sibling renamed at the end). Returns what was done."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    src, out = Path(src), Path(out)
+    if not src.is_file():
+        raise FileNotFoundError(f"no GGUF file at {src}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; choose another --out or pass overwrite=True (--overwrite)")
+    if out.resolve() == src.resolve():
+        raise ValueError("the output must be a new file, not the source GGUF")
+    r = GGUFReader(str(src))
+    arch = r.fields["general.architecture"].contents()
+    n = int(r.fields[f"{arch}.block_count"].contents())
+    remove = check_indices(remove, n, ["decoder"] * n, False, what=f"{src.name}")
+    kept = [i for i in range(n) if i not in set(remove)]
+    new_index = {old: new for new, old in enumerate(kept)}
+    rewritten = [f"{arch}.block_count"]
+    w = GGUFWriter(None, arch=arch, endianess=r.endianess)
+    if "general.alignment" in r.fields:
+        w.data_alignment = int(r.fields["general.alignment"].contents())
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = f.types[0]
+        val = f.contents()
+        sub = f.types[1] if vtype == GGUFValueType.ARRAY and len(f.types) > 1 else None
+        if key == f"{arch}.block_count":
+            val = len(kept)
+        elif key == f"{arch}.leading_dense_block_count":
+            val = sum(1 for i in kept if i < int(val))
+            rewritten.append(key)
+        elif key.startswith(f"{arch}.") and vtype == GGUFValueType.ARRAY and len(val) == n:
+            val = [val[i] for i in kept]
+            rewritten.append(key)
+        w.add_key_value(key, val, vtype, sub_type=sub)
+    tensors = []
+    for t in r.tensors:
+        m = _GGUF_BLOCK.match(t.name)
+        if m:
+            i = int(m.group(1))
+            if i in set(remove):
+                continue
+            name = f"blk.{new_index[i] if i < n else i - len(remove)}.{m.group(2)}"
+        else:
+            name = t.name
+        tensors.append((name, t))
+        w.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        w.write_header_to_file(Path(tmp))
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for _, t in tensors:
+            w.write_tensor_data(t.data)
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return {"source": str(src), "out": str(out), "architecture": arch, "removed_blocks": remove,
+            "block_count": [n, len(kept)], "tensors": [len(r.tensors), len(tensors)], "fields_rewritten": rewritten}
