@@ -13,7 +13,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # the paper profile needs the Hub; the others never touch it
 OFFLINE_IF_LOCAL := $(if $(filter paper,$(PROFILE)),,$(OFFLINE))
 
-.PHONY: help venv test test-fast lint bench reproduce figures pipeline check-profile compare retrain hybrid solver-table clean-results
+.PHONY: help venv test test-fast lint bench gpu-check reproduce figures pipeline check-profile compare retrain hybrid solver-table clean-results
 
 help:  ## list the verbs
 	@echo "cbo_utils — block removal by constrained binary optimisation"
@@ -38,6 +38,9 @@ test-fast: venv  ## the suite without the slow tests (real model, accelerate pro
 
 lint: venv  ## ruff
 	$(VENV)/bin/ruff check cbo_utils tests benchmarks notebooks
+
+gpu-check: venv  ## the GPU checks in one short run (< 8 min on one GPU): CUDA tests, bf16 gradients, CUDA enumeration, a distillation step, cbo compress; exits 0 without a GPU
+	$(OFFLINE) $(VPY) benchmarks/gpu_check.py
 
 bench: venv  ## enumeration benchmark: states/s against a naive implementation, side by side
 	$(VPY) benchmarks/bench_enumeration.py --N 32 --M 8 --k 100

@@ -135,8 +135,8 @@ def Selection_of(M):
 
 @pytest.mark.slow
 def test_non_editable_install_carries_configs_and_runs_from_elsewhere(tmp_path):
-    """`pip install --target` (not editable) → only cbo_utils lands; from another directory `cbo --help` works and
-    the packaged tiny profile runs the comparison's selection stage."""
+    """`pip install --target` (not editable) → only cbo_utils lands; from another directory `cbo --help` works, the
+    packaged tiny profile runs the comparison's selection stage and `cbo compress` makes a smaller model."""
     repo = Path(__file__).resolve().parents[1]
     target = tmp_path / "site"
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
@@ -155,6 +155,11 @@ def test_non_editable_install_carries_configs_and_runs_from_elsewhere(tmp_path):
                        cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert c.returncode == 0, c.stderr[-3000:]
     assert (work / "results" / "tiny" / "selections.csv").is_file()
+    z = subprocess.run([sys.executable, "-m", "cbo_utils.cli", "compress", "--model", "tiny-llama", "-M", "1",
+                        "--out", "small", "--samples", "4", "--max-tokens", "24"], cwd=work, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert z.returncode == 0, z.stderr[-3000:]
+    assert (work / "small" / "model" / "config.json").is_file() and "generation tokens/s" in z.stdout
     assert str(target) in subprocess.run([sys.executable, "-c", "import cbo_utils; print(cbo_utils.__file__)"],
                                          cwd=work, env=env, capture_output=True, text=True).stdout
 
@@ -168,3 +173,32 @@ def test_the_code_passes_ruff():
     r = subprocess.run([str(ruff if ruff.exists() else "ruff"), "check", "cbo_utils", "tests", "benchmarks",
                         "notebooks"], cwd=root, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:]
+
+
+def test_dependencies_are_ranges_and_the_lock_file_satisfies_them():
+    """pyproject.toml states compatible ranges (no exact pins, so the package installs next to other software);
+    requirements.txt, the lock `make venv` and CI install, pins one version of each inside its range, and the
+    installed environment is that lock."""
+    import importlib.metadata as md
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    repo = Path(__file__).resolve().parents[1]
+    deps = [Requirement(d) for d in tomllib.loads((repo / "pyproject.toml").read_text())["project"]["dependencies"]]
+    lock = {}
+    for line in (repo / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            r = Requirement(line)
+            (spec,) = r.specifier
+            assert spec.operator == "==", f"the lock pins exact versions: {line}"
+            lock[canonicalize_name(r.name)] = spec.version
+    for d in deps:
+        assert d.specifier and not any(s.operator == "==" for s in d.specifier), f"{d} is a pin, not a range"
+        name = canonicalize_name(d.name)
+        assert name in lock, f"{d.name} is not in the lock file"
+        assert d.specifier.contains(lock[name]), f"the lock's {d.name}=={lock[name]} is outside {d.specifier}"
+        installed = md.version(d.name).split("+")[0]   # a local build tag (torch's +cpu) is the same release
+        assert installed == lock[name], f"installed {d.name} {installed} ≠ lock {lock[name]}"

@@ -175,3 +175,33 @@ def test_config_rewrite_is_one_rule_for_memory_and_files(name):
     assert from_file["cbo_removed_blocks"] == sorted({1} | {i + (i >= 1) for i in remove})
     assert model.config.num_hidden_layers == from_file.get("num_hidden_layers", len(kept)) == len(kept)
     assert "custom_layer_kinds" in rec["fields"]
+
+
+def test_model_card_front_matter_verification_and_licence(tmp_path):
+    import yaml
+
+    from cbo_utils.prune.export import write_model_card
+
+    model, tok = build_tiny("tiny-llama")
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    (src / "README.md").write_text("---\nlicense: apache-2.0\n---\n# the source model\n")
+    out = export_pruned(copy.deepcopy(model), tok, [2, 3], tmp_path / "pruned", source=str(src),
+                        calibration={"source": "embedded", "samples": 4, "tokens": 96, "sha256": "ab" * 32})
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "transformers" and front["pipeline_tag"] == "text-generation"
+    assert {"pruned", "block-removal"} <= set(front["tags"]) and front["license"] == "apache-2.0"
+    assert "base_model" not in front   # a local folder is not a Hub id
+    assert "Not verified yet" in card and "4 samples, 96 tokens" in card and "`2 3`" in card
+    verify_export(out, model, tok, max_new_tokens=3)
+    card = (out / "README.md").read_text()
+    assert "**Passed**" in card and "Not verified" not in card
+    write_model_card(out, evaluation="| ppl | 1.0 |")
+    assert "## Evaluation" in (out / "README.md").read_text()
+    write_model_card(out)   # a rewrite keeps the evaluation
+    assert "| ppl | 1.0 |" in (out / "README.md").read_text()
+    hub = export_pruned(copy.deepcopy(model), tok, [1], tmp_path / "hub", source="HuggingFaceTB/SmolLM2-135M")
+    assert yaml.safe_load((hub / "README.md").read_text().split("---")[1])["base_model"] == \
+        "HuggingFaceTB/SmolLM2-135M"

@@ -325,3 +325,26 @@ def test_chat_template_and_generation_settings_reach_the_requests(tiny, monkeypa
                           system_instruction="Think.")
     assert plain and not any("<|im_start|>" in c for c in plain)
     assert seen and all(c.startswith("<|im_start|>system\nThink.") and "<|im_start|>user" in c for c in seen)
+
+
+def test_an_exported_folder_is_scored_by_lm_evals_own_command_line(tmp_path):
+    """`python -m lm_eval --model hf --model_args pretrained=DIR` on a folder `cbo prune` wrote, with our offline
+    task folder: the same accuracy as our in-memory evaluation of the same pruned model."""
+    import json
+    import subprocess
+    import sys
+
+    from cbo_utils.prune.export import export_pruned
+
+    model, tok = build_tiny("tiny-llama")
+    out = export_pruned(copy.deepcopy(model), tok, [2, 3], tmp_path / "pruned")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    r = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={out}",
+                        "--tasks", "cbo_arc_easy", "--include_path", str(lmeval.offline_task_dir()), "--limit", "5",
+                        "--device", "cpu", "--batch_size", "4", "--output_path", str(tmp_path / "res")],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (res,) = list((tmp_path / "res").rglob("results_*.json"))
+    acc = json.loads(res.read_text())["results"]["cbo_arc_easy"]["acc,none"]
+    ours = lmeval.evaluate_tasks(model, tok, ["arc_easy"], limit=5, removed=[2, 3])
+    assert acc == pytest.approx(next(x["value"] for x in ours if x["metric"] == "acc"), abs=1e-9)

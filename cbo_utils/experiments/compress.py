@@ -30,7 +30,7 @@ from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
 from cbo_utils.model.blocks import num_blocks
 from cbo_utils.model.load import load_model
 from cbo_utils.prune.distill import DistillConfig, distill, kd_data
-from cbo_utils.prune.export import save_pruned
+from cbo_utils.prune.export import save_pruned, write_model_card
 from cbo_utils.select.cbo import CBO_VARIANTS, DEFAULT_VARIANT
 from cbo_utils.select.methods import METHODS, method_name, run_method
 from cbo_utils.select.selection import Selection
@@ -153,6 +153,8 @@ def compress(model: str, M: int, out, *, method: str = "cbo", calibration: str =
     rec["summary"] = summary
     _save(out, rec)
     atomic_write_text(out / "summary.md", summary_markdown(summary) + "\n")
+    if (final / "removed_blocks.json").is_file():   # the model card states the measured summary
+        write_model_card(final, evaluation=summary_markdown(summary))
     echo(summary_markdown(summary))
     return summary
 

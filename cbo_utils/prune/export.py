@@ -24,7 +24,8 @@ class VerificationError(AssertionError):
 
 
 def export_pruned(model, tokenizer, remove, out_dir, *, method: str = "manual", energy: float | None = None,
-                  source: str | None = None, extra: dict | None = None, overwrite: bool = False) -> Path:
+                  source: str | None = None, extra: dict | None = None, overwrite: bool = False,
+                  calibration: dict | None = None) -> Path:
     """Remove ``remove`` from ``model`` (in place) and save a standard checkpoint folder at ``out_dir``.
 
     The folder is written under a temporary name and renamed at the end, so an interrupted export never leaves a
@@ -47,9 +48,10 @@ def export_pruned(model, tokenizer, remove, out_dir, *, method: str = "manual", 
             cfg.update(extras)
             write_json(tmp / "config.json", cfg)
         record = removal_record(remove, types_before, method=method, energy=energy, source=source,
-                                parameters=sum(p.numel() for p in model.parameters()), extra=extra)
+                                parameters=sum(p.numel() for p in model.parameters()), extra=extra,
+                                calibration=calibration, license=source_license(source))
         write_json(tmp / "removed_blocks.json", record)
-        atomic_write_text(tmp / "README.md", model_card(record, type(model).__name__))
+        write_model_card(tmp)
     return out_dir
 
 
@@ -69,25 +71,97 @@ def removal_record(remove, types, *, method: str, energy: float | None, source: 
     }
 
 
-def model_card(rec: dict[str, Any], cls: str) -> str:
-    """The README.md of a pruned folder, from its :func:`removal_record`."""
+def source_license(source: str | None) -> str | None:
+    """The licence of a source model when it is known: the ``license:`` of a local folder's model card front matter
+    (a Hub id is not looked up)."""
+    if not source:
+        return None
+    readme = Path(source) / ("SOURCE_README.md" if (Path(source) / "SOURCE_README.md").is_file() else "README.md")
+    if not readme.is_file():
+        return None
+    text = readme.read_text(errors="replace")
+    if not text.startswith("---"):
+        return None
+    import yaml
+
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError:
+        return None
+    lic = meta.get("license") if isinstance(meta, dict) else None
+    return str(lic) if lic else None
+
+
+def _hub_id(source: str | None) -> str | None:
+    """``source`` when it reads as a Hub id (``org/name``, not a local path): the card's ``base_model``."""
+    if not source or Path(source).exists() or source.count("/") != 1 or source.startswith((".", "/")):
+        return None
+    return source
+
+
+def model_card(rec: dict[str, Any], cls: str, verification: dict | None = None,
+               evaluation: str | None = None) -> str:
+    """The README.md of a pruned folder, from its :func:`removal_record`: YAML front matter the Hugging Face Hub
+    renders (``base_model`` for a Hub source, ``library_name``, ``pipeline_tag``, ``tags``, ``license`` when known),
+    then the method, removed blocks, energy, calibration recipe, the verification result and an evaluation summary
+    (Markdown) when one ran."""
+    import yaml
+
+    front = {"library_name": "transformers", "pipeline_tag": "text-generation",
+             "tags": ["pruned", "block-removal", "cbo", "cbo_utils"]}
+    if _hub_id(rec.get("source_model")):
+        front = {"base_model": rec["source_model"], **front}
+    if rec.get("license"):
+        front["license"] = rec["license"]
     energy = "" if rec["energy"] is None else f"\n- Energy of the removal set: `{rec['energy']:.6g}`"
-    return f"""---
-tags: [block-removal, pruning, cbo]
----
-# Pruned model: {rec['num_blocks_pruned']} of {rec['num_blocks_original']} blocks kept
+    cal = rec.get("calibration") or {}
+    calib = "" if not cal else (f"\n- Calibration: {cal.get('source', '?')}, {cal.get('samples', '?')} samples, "
+                                f"{cal.get('tokens', '?')} tokens (SHA-256 `{str(cal.get('sha256', ''))[:12]}`)")
+    if verification is None:
+        ver = "Not verified yet (`cbo verify FOLDER --original SOURCE`)."
+    else:
+        checks = verification.get("checks", {})
+        failed = [k for k, c in checks.items() if not c.get("ok")]
+        diff = checks.get("logits_vs_gated_alpha0", {}).get("max_abs_diff")
+        ver = (("**Passed**" if not failed else f"**Failed**: {', '.join(failed)}") + " — reload without missing or "
+               "unexpected keys, every layer index and the config depth consistent, logits equal to the source "
+               "model with its gates at 0 on the removed blocks" + (f" (max |Δ| {diff:.2g})" if diff is not None
+                                                                    else "") + ", cached generation equal to "
+               "uncached.")
+    body = f"""# Pruned model: {rec['num_blocks_pruned']} of {rec['num_blocks_original']} blocks kept
 
 Made with `cbo_utils` (block removal by constrained binary optimisation, arXiv 2602.00161).
 
 - Source model: `{rec['source_model']}` ({cls})
 - Removed blocks (0-based indices of the source model): `{' '.join(map(str, rec['removed_blocks']))}`
 - Removed block types: {', '.join(rec['removed_block_types'])}
-- Selection method: `{rec['method']}`{energy}
+- Selection method: `{rec['method']}`{energy}{calib}
 - Parameters after removal: {rec['parameters_pruned']:,}
 
-Load it with plain `AutoModelForCausalLM.from_pretrained(folder)`; `removed_blocks.json` has the full record and
-`verification.json` (when present) the result of `cbo verify`. No retraining was applied unless stated elsewhere.
+## Verification
+
+{ver}
 """
+    if evaluation:
+        body += f"\n## Evaluation\n\n{evaluation}\n"
+    body += ("\nLoad it with plain `AutoModelForCausalLM.from_pretrained(folder)`; `removed_blocks.json` has the full "
+             "record. No retraining was applied unless stated here.\n")
+    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n" + body
+
+
+def write_model_card(folder, evaluation: str | None = None) -> Path:
+    """(Re)write ``folder/README.md`` from its ``removed_blocks.json``, ``verification.json`` (when present) and an
+    evaluation summary (kept in ``evaluation.md`` so a later rewrite keeps it)."""
+    folder = Path(folder)
+    rec = read_json(folder / "removed_blocks.json")
+    ver = read_json(folder / "verification.json") if (folder / "verification.json").is_file() else None
+    if evaluation is not None:
+        atomic_write_text(folder / "evaluation.md", evaluation + "\n")
+    elif (folder / "evaluation.md").is_file():
+        evaluation = (folder / "evaluation.md").read_text().strip()
+    cfg = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    return atomic_write_text(folder / "README.md", model_card(rec, (cfg.get("architectures") or ["?"])[0], ver,
+                                                               evaluation))
 
 
 @torch.no_grad()
@@ -157,6 +231,7 @@ def verify_export(out_dir, original_model, tokenizer=None, *, prompts: list[str]
     report["ok"] = all(c["ok"] for c in checks.values())
     if write:
         write_json(out_dir / "verification.json", report)
+        write_model_card(out_dir)   # the card states the result
     if raise_on_fail and not report["ok"]:
         failed = [k for k, c in checks.items() if not c["ok"]]
         raise VerificationError(f"export {out_dir} failed the checks {failed}: {json.dumps(checks, default=str)}")
@@ -171,7 +246,8 @@ def save_pruned(model, tokenizer, selection, out_dir, *, verify: bool = True, ov
         raise ValueError("an SWM selection merges weights: save selection.apply(model) with save_pretrained instead")
     pruned = copy.deepcopy(model)
     out = export_pruned(pruned, tokenizer, selection.removed, out_dir, method=selection.method,
-                        energy=selection.energy, source=source, overwrite=overwrite)
+                        energy=selection.energy, source=source, overwrite=overwrite,
+                        calibration=selection.calibration)
     del pruned
     if verify:
         verify_export(out, model, tokenizer)

@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 
 from cbo_utils.core.artifacts import (
     atomic_folder,
-    atomic_write_text,
     parse_blocks,
     read_json,
     write_json,
@@ -32,7 +31,7 @@ from cbo_utils.model.blocks import (
     pattern_types,
     remap_layer_fields,
 )
-from cbo_utils.prune.export import model_card, removal_record
+from cbo_utils.prune.export import removal_record, source_license, write_model_card
 
 _LAYER_NAME = re.compile(r"^((?:[^.]+\.)*?layers)\.(\d+)\.(.+)$")
 
@@ -197,9 +196,10 @@ def prune_checkpoint_files(src_dir, remove, out_dir, *, overwrite: bool = False,
             remove, types, method=method, energy=energy, source=source or str(src),
             parameters=written["parameters"], kind="pruned_checkpoint_files", inputs={"config": src / "config.json"},
             extra=extra, pruned_from_files=True, tensor_prefix=prefix, tensors_dropped=written["dropped"],
-            shards=written["shards"], config_rewrite=cfg_rec, hf_quant_config=quant_rec, skipped_files=skipped)
+            shards=written["shards"], config_rewrite=cfg_rec, hf_quant_config=quant_rec, skipped_files=skipped,
+            license=source_license(str(src)))
         write_json(tmp / "removed_blocks.json", record)
-        atomic_write_text(tmp / "README.md", model_card(record, (config.get("architectures") or ["?"])[0]))
+        write_model_card(tmp)
     return out_dir
 
 
