@@ -286,7 +286,7 @@ def cmd_hybrid(args) -> int:
 def cmd_compress(args) -> int:
     compress(args.model, args.M, args.out, method=args.method, calibration=args.calibration, samples=args.samples,
              max_tokens=args.max_tokens, retrain_steps=args.retrain_steps, dtype=args.dtype,
-             device_map=args.device_map, seed=args.seed)
+             device_map=args.device_map, gguf=args.gguf, seed=args.seed)
     print(f"summary: {Path(args.out) / 'summary.md'}")
     return 0
 
@@ -454,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive, default=16, help="calibration windows (default 16)")
     p.add_argument("--max-tokens", type=_positive, default=128, help="tokens per window (default 128)")
     p.add_argument("--retrain-steps", type=int, default=0, help="knowledge-distillation steps after pruning (0)")
+    p.add_argument("--gguf", action="store_true", help="with a .gguf --model: also write <out>/model.gguf, the "
+                                                       "source file with the blocks removed (quantisation kept)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_compress)
 

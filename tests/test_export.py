@@ -205,3 +205,33 @@ def test_model_card_front_matter_verification_and_licence(tmp_path):
     hub = export_pruned(copy.deepcopy(model), tok, [1], tmp_path / "hub", source="HuggingFaceTB/SmolLM2-135M")
     assert yaml.safe_load((hub / "README.md").read_text().split("---")[1])["base_model"] == \
         "HuggingFaceTB/SmolLM2-135M"
+
+
+@pytest.mark.parametrize("command", ["prune", "prune-files"])
+def test_overwrite_never_deletes_what_cbo_did_not_write(command, tmp_path, monkeypatch, capsys):
+    """Issue 16 item 1: `--out . --overwrite` in a folder with a user's file, or `--out` a user's folder, is refused
+    and nothing is deleted; an output cbo wrote is replaced."""
+    from cbo_utils.cli import main
+
+    model, tok = build_tiny("tiny-llama")
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    args = (["prune", "--model", "tiny-llama", "--remove", "1"] if command == "prune"
+            else ["prune-files", str(src), "--remove", "1"])
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "canary").write_text("mine")
+    monkeypatch.chdir(work)
+    assert main([*args, "--out", ".", "--overwrite"]) == 2
+    assert (work / "canary").read_text() == "mine"
+    assert "never replaces" in capsys.readouterr().err
+    user = work / "results"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep")
+    assert main([*args, "--out", str(user), "--overwrite"]) == 2
+    assert (user / "notes.txt").read_text() == "keep" and "not one" in capsys.readouterr().err
+    assert main([*args, "--out", str(work / "pruned")]) == 0
+    assert main([*args, "--out", str(work / "pruned")]) == 2          # exists: refused without --overwrite
+    assert main([*args, "--out", str(work / "pruned"), "--overwrite"]) == 0   # its own output: replaced
+    assert (work / "canary").read_text() == "mine"

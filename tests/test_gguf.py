@@ -42,6 +42,7 @@ def test_pruned_gguf_keeps_every_other_tensor_and_field_byte_for_byte(pruned):
     assert b.fields["llama.block_count"].contents() == 27
 
 
+@pytest.mark.slow
 def test_pruned_gguf_loads_in_transformers_and_equals_the_gated_original(pruned):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -69,3 +70,21 @@ def test_gguf_pruning_refuses_bad_requests_and_the_command_line_prints_no_traceb
     assert "out of range" in err and "Traceback" not in err
     assert main(["prune-files", str(SRC), "--remove", "5", "--out", str(tmp_path / "z.gguf")]) == 0
     assert gguf_layout(tmp_path / "z.gguf")["block_count"] == 29
+
+
+@pytest.mark.slow
+def test_compress_takes_a_gguf_and_writes_the_pruned_gguf(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from cbo_utils.experiments.compress import CompressError, compress
+
+    s = compress(str(SRC), 2, tmp_path / "c", method="block_influence", samples=4, max_tokens=32, gguf=True,
+                 echo=lambda *_: None)
+    small = AutoModelForCausalLM.from_pretrained(tmp_path / "c", gguf_file="model.gguf", dtype=torch.float32).eval()
+    folder = AutoModelForCausalLM.from_pretrained(tmp_path / "c" / "model", dtype=torch.float32).eval()
+    x = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    with torch.no_grad():   # the pruned GGUF and the pruned folder are the same model (both from the Q4_1 weights)
+        torch.testing.assert_close(small(x).logits, folder(x).logits, rtol=0, atol=1e-4)
+    assert gguf_layout(tmp_path / "c" / "model.gguf")["block_count"] == 28 and s["gguf"].endswith("model.gguf")
+    with pytest.raises(CompressError, match="give the model as a .gguf"):
+        compress("tiny-llama", 1, tmp_path / "d", gguf=True, echo=lambda *_: None)

@@ -53,6 +53,33 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
     return path
 
 
+#: files that mark a folder as one ``cbo`` wrote (a pruned export, a checkpoint-file prune, a compress run)
+OWN_FOLDER_MARKERS = ("removed_blocks.json", "compress.json")
+
+
+def check_output(out: PathLike, overwrite: bool = False) -> Path:
+    """The one output policy, applied before any work starts: a missing ``out`` is fine; an existing one is refused
+    unless ``overwrite``; ``overwrite`` replaces only what ``cbo`` itself wrote — a folder holding one of
+    :data:`OWN_FOLDER_MARKERS`, or a file with its provenance sidecar — and always refuses the current directory,
+    its parents, the home directory and anything else. Raises ``FileExistsError`` saying what to do."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return out
+    if not overwrite:
+        raise FileExistsError(f"{out} exists; choose another --out, or pass --overwrite (overwrite=True) to replace "
+                              "an output cbo wrote")
+    target, cwd, home = out.resolve(), Path.cwd().resolve(), Path.home().resolve()
+    if target == cwd or target in cwd.parents or target == home or target == Path(target.anchor):
+        raise FileExistsError(f"--overwrite never replaces {out} (the current directory, one of its parents or the "
+                              "home directory); give a new --out")
+    own = (target.is_dir() and any((target / m).is_file() for m in OWN_FOLDER_MARKERS)) or \
+        (target.is_file() and sidecar_path(target).is_file())
+    if not own:
+        raise FileExistsError(f"--overwrite replaces only outputs cbo wrote, and {out} is not one (no "
+                              f"{' / '.join(OWN_FOLDER_MARKERS)} record); nothing was changed — give a new --out")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_folder(out_dir: PathLike):
     """Write a folder atomically: yields a temporary sibling folder (mode 0755, not mkdtemp's 0700); on success it

@@ -7,7 +7,8 @@ did not write is ever touched):
 1. **select** ``M`` blocks with the package's default CBO variant (or any registered method) on a calibration set —
    :func:`cbo_utils.select.api.select_blocks`, the code the comparison harness runs → ``selection.json``;
 2. **prune and verify** → ``model/`` (a standard ``save_pretrained`` folder with ``removed_blocks.json``, a model card
-   and ``verification.json``: reload keys, logits = the gated original, cached = uncached generation);
+   and ``verification.json``: reload keys, logits = the gated original, cached = uncached generation); for a GGUF
+   source with ``gguf=True`` also ``model.gguf`` (the source file pruned without loading, quantisation kept);
 3. **retrain** (``retrain_steps`` > 0): knowledge distillation from the dense model on the embedded chat mix →
    ``retrained/``;
 4. **measure** the dense and the final model side by side in this process: parameters, held-out perplexity on a
@@ -31,12 +32,13 @@ from cbo_utils.model.blocks import num_blocks
 from cbo_utils.model.load import load_model
 from cbo_utils.prune.distill import DistillConfig, distill, kd_data
 from cbo_utils.prune.export import save_pruned, write_model_card
+from cbo_utils.prune.files import prune_gguf_file
 from cbo_utils.select.cbo import CBO_VARIANTS, DEFAULT_VARIANT
 from cbo_utils.select.methods import METHODS, method_name, run_method
 from cbo_utils.select.selection import Selection
 
 RUN_FILE = "compress.json"
-STEPS = ("select", "prune", "retrain", "measure")
+STEPS = ("select", "prune", "gguf", "retrain", "measure")
 
 
 class CompressError(ValueError):
@@ -74,9 +76,12 @@ def _measure(model, tok, windows: torch.Tensor) -> dict[str, Any]:
 
 def compress(model: str, M: int, out, *, method: str = "cbo", calibration: str = "embedded", samples: int = 16,
              max_tokens: int = 128, retrain_steps: int = 0, dtype: str = "float32", device_map=None,
-             seed: int = 0, progress: bool = True, echo=print) -> dict[str, Any]:
-    """Compress ``model`` (a local folder, Hub id, ``smollm2`` or a tiny model name) by removing ``M`` blocks into
-    ``out`` (see the module docstring); returns the summary (also in ``compress.json`` and ``summary.md``)."""
+             gguf: bool = False, seed: int = 0, progress: bool = True, echo=print) -> dict[str, Any]:
+    """Compress ``model`` (a local folder, Hub id, GGUF file, ``smollm2`` or a tiny model name) by removing ``M``
+    blocks into ``out`` (see the module docstring); returns the summary (also in ``compress.json`` and
+    ``summary.md``). ``gguf``: also write ``<out>/model.gguf`` — the source GGUF file with the same blocks removed,
+    its (quantised) tensors copied byte for byte (:func:`cbo_utils.prune.files.prune_gguf_file`); needs a GGUF
+    source (writing a GGUF from a transformers folder is llama.cpp's converter's job)."""
     try:
         name = method_name("cbo" if method == "default" else method)
     except ValueError:
@@ -88,9 +93,16 @@ def compress(model: str, M: int, out, *, method: str = "cbo", calibration: str =
                          ("retrain_steps", retrain_steps, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise CompressError(f"{what} must be an integer ≥ {low}, got {v!r}")
+    is_gguf = str(model).endswith(".gguf")
+    if is_gguf and not Path(model).is_file():
+        raise CompressError(f"no GGUF file at {model}")
+    if gguf and not is_gguf:
+        raise CompressError("--gguf writes the pruned source GGUF file: give the model as a .gguf file (to make a "
+                            "GGUF from a transformers folder use llama.cpp's convert_hf_to_gguf.py on <out>/model)")
     out = Path(out)
     params = {"model": str(model), "M": M, "method": name, "calibration": calibration, "samples": samples,
-              "max_tokens": max_tokens, "retrain_steps": retrain_steps, "dtype": dtype, "seed": seed}
+              "max_tokens": max_tokens, "retrain_steps": retrain_steps, "dtype": dtype, "seed": seed,
+              "gguf": bool(gguf)}
     rec = _check_out(out, params)
     steps = rec["steps"]
     t0 = time.perf_counter()
@@ -123,6 +135,11 @@ def compress(model: str, M: int, out, *, method: str = "cbo", calibration: str =
         save_pruned(dense, tok, sel, out / "model", overwrite=(out / "model").exists(), source=str(model))
         steps["prune"] = {"seconds": round(time.perf_counter() - t1, 2), "folder": str(out / "model")}
         _save(out, rec)
+    if gguf and "gguf" not in steps:
+        t1 = time.perf_counter()
+        rep = prune_gguf_file(model, removed, out / "model.gguf", overwrite=(out / "model.gguf").exists())
+        steps["gguf"] = {"seconds": round(time.perf_counter() - t1, 2), "file": rep["out"], "tensors": rep["tensors"]}
+        _save(out, rec)
     final = out / "model"
     if retrain_steps:
         if "retrain" not in steps:
@@ -149,7 +166,8 @@ def compress(model: str, M: int, out, *, method: str = "cbo", calibration: str =
     summary = {"model": str(model), "method": name, "M": M, "removed_blocks": removed, "folder": str(final),
                "before": before, "after": after,
                "seconds": {k: steps[k]["seconds"] for k in STEPS if k in steps},
-               "heldout_text": "BoolQ validation passages, 8 × 256 tokens"}
+               "heldout_text": "BoolQ validation passages, 8 × 256 tokens",
+               **({"gguf": steps["gguf"]["file"]} if "gguf" in steps else {})}
     rec["summary"] = summary
     _save(out, rec)
     atomic_write_text(out / "summary.md", summary_markdown(summary) + "\n")

@@ -50,17 +50,8 @@ def smollm2_path(cache: Path | None = None) -> Path:
     out = Path(cache or cache_dir()) / "SmolLM2-135M-Instruct"
     if (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file():
         return out
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    pkg = smollm2_gguf().parent
     log.info("converting %s once into %s", SMOLLM2_GGUF, out)
-    gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
-    config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items()
-                                     if k not in ("quantization_config", "_name_or_path")})
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict(), strict=True)
-    model.tie_weights()
+    model, tok = load_gguf(smollm2_gguf())
     tmp = out.with_name(out.name + ".partial")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -74,6 +65,22 @@ def smollm2_path(cache: Path | None = None) -> Path:
     return out
 
 
+def load_gguf(path, dtype="float32"):
+    """(model, tokenizer) of a GGUF file, dequantised into a plain transformers model (one that ``save_pretrained``
+    and every adapter handle; a model loaded with ``gguf_file=`` refuses to be saved)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items()
+                                     if k not in ("quantization_config", "_name_or_path")})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.tie_weights()
+    return model.to(parse_dtype(dtype)).eval(), tok
+
+
 def resolve_model_path(spec: str) -> str:
     """``smollm2`` → the converted cache folder; anything else is returned unchanged (a path or a Hub id)."""
     if spec in SMOLLM2_NAMES:
@@ -82,12 +89,16 @@ def resolve_model_path(spec: str) -> str:
 
 
 def load_model(spec: str, dtype="float32", device_map=None, trust_remote_code: bool = False, **kw):
-    """(model, tokenizer) for a tiny model name (``tiny-llama``, ``tiny-qwen3``, ``tiny-nemotron-h``), ``smollm2``,
-    a local folder or a Hub id. Remote code is never enabled unless asked for."""
+    """(model, tokenizer) for a tiny model name (``tiny-llama``, ``tiny-qwen3``, ``tiny-nemotron-h``, ...), ``smollm2``,
+    a GGUF file (dequantised, :func:`load_gguf`), a local folder or a Hub id. Remote code is never enabled unless
+    asked for."""
 
     if spec in TINY_BUILDERS:
         model, tok = build_tiny(spec)
         return model.to(parse_dtype(dtype)), tok
+    if str(spec).endswith(".gguf") and Path(spec).is_file():
+        model, tok = load_gguf(spec, dtype)   # a single file: one device (a GPU when a device map is asked for)
+        return (model.cuda() if device_map is not None and torch.cuda.is_available() else model), tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(spec)

@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-from cbo_utils.core.artifacts import atomic_folder, atomic_write_text, provenance, read_json, write_json
+from cbo_utils.core.artifacts import (
+    atomic_folder,
+    atomic_write_text,
+    check_output,
+    provenance,
+    read_json,
+    write_json,
+)
 from cbo_utils.model.blocks import Gates, block_types, check_removal, get_adapter, num_blocks, remove_blocks
 from cbo_utils.model.load import model_device
 
@@ -32,8 +39,7 @@ def export_pruned(model, tokenizer, remove, out_dir, *, method: str = "manual", 
     half-written model behind. Returns the folder.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; choose another --out or pass overwrite=True (--overwrite)")
+    check_output(out_dir, overwrite)
     adapter = get_adapter(model)
     types_before = block_types(model)
     remove = check_removal(model, remove)

@@ -19,9 +19,12 @@ from safetensors.torch import save_file
 
 from cbo_utils.core.artifacts import (
     atomic_folder,
+    check_output,
     parse_blocks,
+    provenance,
     read_json,
     write_json,
+    write_sidecar,
 )
 from cbo_utils.model.blocks import (
     NEMOTRON_NATIVE_TYPES,
@@ -177,8 +180,7 @@ def prune_checkpoint_files(src_dir, remove, out_dir, *, overwrite: bool = False,
         raise FileNotFoundError(f"{src} has no config.json: give a save_pretrained checkpoint folder")
     if out_dir.resolve() == src.resolve():
         raise ValueError("out_dir must differ from src_dir (the source checkpoint is never modified)")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; choose another folder or pass overwrite=True")
+    check_output(out_dir, overwrite)
     config = read_json(src / "config.json")
     n, types, hybrid = layout_from_config(config)
     remove = check_indices(parse_blocks(remove) if isinstance(remove, str) else remove, n, types, hybrid,
@@ -341,8 +343,7 @@ def prune_gguf_file(src, remove, out, *, overwrite: bool = False) -> dict[str, A
     src, out = Path(src), Path(out)
     if not src.is_file():
         raise FileNotFoundError(f"no GGUF file at {src}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose another --out or pass overwrite=True (--overwrite)")
+    check_output(out, overwrite)
     if out.resolve() == src.resolve():
         raise ValueError("the output must be a new file, not the source GGUF")
     r = GGUFReader(str(src))
@@ -397,5 +398,7 @@ def prune_gguf_file(src, remove, out, *, overwrite: bool = False) -> dict[str, A
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return {"source": str(src), "out": str(out), "architecture": arch, "removed_blocks": remove,
-            "block_count": [n, len(kept)], "tensors": [len(r.tensors), len(tensors)], "fields_rewritten": rewritten}
+    rep = {"source": str(src), "out": str(out), "architecture": arch, "removed_blocks": remove,
+           "block_count": [n, len(kept)], "tensors": [len(r.tensors), len(tensors)], "fields_rewritten": rewritten}
+    write_sidecar(out, provenance("pruned_gguf", {"remove": remove}, **rep))   # marks the file as cbo's own
+    return rep
