@@ -180,8 +180,8 @@ def test_dependencies_are_ranges_and_the_lock_file_satisfies_them():
     requirements.txt, the lock `make venv` and CI install, pins one version of each inside its range, and the
     installed environment is that lock."""
     import importlib.metadata as md
-    import tomllib
 
+    import tomllib
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
