@@ -102,8 +102,8 @@ class Adapter:
     # -- removal
     def renumber(self, block: nn.Module, new_idx: int) -> None:
         """Set every ``layer_idx`` found inside the block (block, attention, Mamba mixer, ...) to ``new_idx``."""
-        for mod in block.modules():
-            if hasattr(mod, "layer_idx") and not isinstance(mod.layer_idx, (list, tuple)):
+        for mod in block.modules():   # an int only: some modules carry an unused layer_idx = None (HunYuan's MLP)
+            if isinstance(getattr(mod, "layer_idx", None), int) and not isinstance(mod.layer_idx, bool):
                 mod.layer_idx = new_idx
 
     def rewrite_config(self, config, kept: Sequence[int], n_original: int) -> None:

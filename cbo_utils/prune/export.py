@@ -202,7 +202,8 @@ def verify_export(out_dir, original_model, tokenizer=None, *, prompts: list[str]
 
     n_expected = rec["num_blocks_original"] - len(removed)
     adapter = get_adapter(pruned)
-    idx = [[m.layer_idx for m in b.modules() if hasattr(m, "layer_idx")] for b in adapter.layers(pruned)]
+    idx = [[m.layer_idx for m in b.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+           for b in adapter.layers(pruned)]
     idx_ok = all(all(v == i for v in vals) for i, vals in enumerate(idx))
     depth_ok = len(adapter.layers(pruned)) == n_expected and num_blocks(pruned) == n_expected
     cfg_json = json.loads((out_dir / "config.json").read_text())
