@@ -116,7 +116,8 @@ def compress(model: str, M: int, out, *, method: str = "cbo", calibration: str =
         calib = load_calibration(calibration, tok, samples=samples, max_tokens=max_tokens)
         kw: dict[str, Any] = {"seed": seed} if name == "random" else {}
         if name in CBO_VARIANTS:   # the variants that re-rank hold out the last quarter of the windows
-            kw = {"cache_dir": out / "cache", "seed": seed, "rerank_samples": max(1, samples // 4)}
+            kw = {"cache_dir": out / "cache", "seed": seed, "rerank_samples": max(1, samples // 4),
+                  "progress": progress}
         echo(f"[1/4] selecting {M} of {num_blocks(dense)} blocks with {name} on {samples} × {max_tokens} "
              f"calibration tokens ({calibration}) …")
         sel = run_method(name, dense, calib, M, **kw)

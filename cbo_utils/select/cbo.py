@@ -405,7 +405,7 @@ def pair_table_file(data) -> str:
 
 def _pair_table(model, data, out: Path, s: dict) -> PairTable:
     return cached_pair_table(model, data, out / pair_table_file(data), objective="kl", batch_size=s["batch_size"],
-                             progress=False)
+                             progress=bool(s.get("progress", False)))
 
 
 def measured_diagonal_form(H: np.ndarray, table: PairTable) -> np.ndarray:
@@ -494,7 +494,7 @@ def refit_pair_energy(model, calibration, table: PairTable, M: int, *, rounds: i
 
 #: the settings a CBO variant reads (the comparison's defaults for them; see ``compare.DEFAULTS``)
 CBO_SETTINGS: dict[str, Any] = {"rerank_samples": 8, "batch_size": 8, "exact_hessian_samples": 0,
-                                "points_per_sample": 2, "spearman": {"lowest": 1, "variants": []}}
+                                "points_per_sample": 2, "spearman": {"lowest": 1, "variants": []}, "progress": False}
 
 
 def select_cbo(model, calibration: CalibrationSet, M: int, variant: str = DEFAULT_VARIANT,
