@@ -39,3 +39,18 @@ def varied_calibration(tok, n=5, seed=0) -> CalibrationSet:
         mask[T // 2:] = True
         out.append(_sample(ids.tolist(), mask.tolist()))
     return CalibrationSet(out, {"source": "random-test"})
+
+
+def gate_finite_differences(loss_at, N: int, dt, eps: float, richardson: bool = False):
+    """Central differences of ``loss_at(alpha)`` at α = 1 for each of the N gates (float64); ``richardson``:
+    (4·D(eps/2) − D(eps))/3, which cancels the eps² error of the central difference."""
+    def central(i, h):
+        e = torch.zeros(N, dtype=dt)
+        e[i] = h
+        return (loss_at(torch.ones(N, dtype=dt) + e).double() - loss_at(torch.ones(N, dtype=dt) - e).double()) / (2 * h)
+
+    with torch.no_grad():
+        if richardson:
+            return torch.tensor([(4 * central(i, eps / 2) - central(i, eps)) / 3 for i in range(N)],
+                                dtype=torch.float64)
+        return torch.tensor([central(i, eps) for i in range(N)], dtype=torch.float64)

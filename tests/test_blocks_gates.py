@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import varied_calibration
+from conftest import gate_finite_differences, varied_calibration
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cbo_utils.gradients import collect_gate_gradients, exact_gate_hessian, fisher_from_gradients, sample_loss
@@ -101,13 +101,7 @@ def test_gate_gradient_matches_central_finite_differences(name):
     (grad,) = torch.autograd.grad(loss_at(a0), a0)
     # RMSNorm computes in float32 even in a float64 model: smaller steps would only measure its rounding
     eps, rtol, atol = (1e-3, 1e-3, 2e-6) if dt == torch.float64 else (1e-2, 2e-2, 5e-5)
-    fd = torch.zeros(N, dtype=torch.float64)
-    with torch.no_grad():
-        for i in range(N):
-            e = torch.zeros(N, dtype=dt)
-            e[i] = eps
-            fd[i] = (loss_at(torch.ones(N, dtype=dt) + e).double() - loss_at(torch.ones(N, dtype=dt) - e).double()
-                     ) / (2 * eps)
+    fd = gate_finite_differences(loss_at, N, dt, eps)
     gates.detach()
     assert grad.abs().min() > 0  # every block matters a little
     torch.testing.assert_close(grad.double(), fd, rtol=rtol, atol=atol)

@@ -12,7 +12,7 @@ import time
 import torch
 
 _MEASURE = r"""
-import json, resource, sys, time, torch
+import json, resource, sys, torch
 from transformers import AutoModelForCausalLM
 
 
@@ -29,18 +29,11 @@ def peak_gb():
 
 path, prompt_len, gen_len, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
+from cbo_utils.evaluate.efficiency import tokens_per_second
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 params = sum(p.numel() for p in model.parameters())
-ids = torch.randint(10, model.config.vocab_size - 10, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-with torch.no_grad():
-    model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
-    t0 = time.perf_counter(); model(ids); t_prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False)
-    t_gen = time.perf_counter() - t0
-print(json.dumps({"parameters": params, "peak_rss_gb": peak_gb(),
-                  "prefill_tokens_per_s": prompt_len / t_prefill, "generate_tokens_per_s": gen_len / t_gen,
-                  "prompt_len": prompt_len, "gen_len": gen_len, "threads": threads}))
+speed = tokens_per_second(model, prompt_len, gen_len)
+print(json.dumps({"parameters": params, "peak_rss_gb": peak_gb(), **speed, "threads": threads}))
 """
 
 

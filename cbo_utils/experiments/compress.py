@@ -67,7 +67,7 @@ def _save(out: Path, rec: dict) -> None:
     write_json(out / RUN_FILE, rec)
 
 
-def _measure(model, tok, windows: torch.Tensor) -> dict[str, Any]:
+def _measure(model, windows: torch.Tensor) -> dict[str, Any]:
     ppl = perplexity(model, windows)
     speed = tokens_per_second(model)
     return {"parameters": sum(p.numel() for p in model.parameters()), "blocks": num_blocks(model),
@@ -160,9 +160,9 @@ def compress(model: str, M: int, out, *, method: str = "cbo", calibration: str =
     t1 = time.perf_counter()
     echo("[4/4] measuring the dense and the compressed model side by side …")
     windows = perplexity_windows(tok, eval_text("boolq"), seq_len=256, windows=8)
-    before = _measure(dense, tok, windows)
+    before = _measure(dense, windows)
     small, _ = load_model(str(final), dtype=dtype)
-    after = _measure(small.eval(), tok, windows)
+    after = _measure(small.eval(), windows)
     steps["measure"] = {"seconds": round(time.perf_counter() - t1, 2)}
     summary = {"model": str(model), "method": name, "M": M, "removed_blocks": removed, "folder": str(final),
                "before": before, "after": after,
@@ -197,4 +197,4 @@ def summary_markdown(s: dict[str, Any]) -> str:
             f"{s['method']}\n\n{table}\n\nTime: {secs}.")
 
 
-__all__ = ["compress", "CompressError", "summary_markdown", "RUN_FILE", "DEFAULT_VARIANT"]
+__all__ = ["compress", "CompressError", "summary_markdown", "RUN_FILE"]
