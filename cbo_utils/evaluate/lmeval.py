@@ -371,8 +371,13 @@ def _rows(results: dict, source: str, limit, num_fewshot) -> list[dict]:
 def evaluate_tasks(model, tokenizer, tasks: str | Iterable[str], limit: int | None = None, batch_size: int = 8,
                    removed: Sequence[int] | None = None, num_fewshot: int | None = None, source: str = "offline",
                    seed: int = 1234, apply_chat_template: bool = False, gen_kwargs: dict | None = None,
-                   system_instruction: str | None = None) -> list[dict]:
+                   system_instruction: str | None = None, scorer: str = "prefix") -> list[dict]:
     """Run ``lm_eval.simple_evaluate`` on an in-memory model (``HFLM(pretrained=model, tokenizer=tokenizer)``).
+
+    ``scorer``: ``"prefix"`` (default) scores loglikelihood requests with
+    :class:`cbo_utils.evaluate.scorer.PrefixSharingLM` — lm-eval's ``HFLM`` with each multiple-choice context run
+    once for all its continuations (≈ 1.6× faster on the five zero-shot tasks on CPU; it checks itself against
+    ``HFLM`` on the first requests and falls back to it otherwise); ``"hflm"``: lm-eval's ``HFLM`` unchanged.
 
     ``tasks``: friendly names (``source="offline"``: arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq,
     mmlu, mmlu_<subject>) or lm-eval task names (``source="builtin"``). ``removed``: 0-based block indices
@@ -392,6 +397,7 @@ def evaluate_tasks(model, tokenizer, tasks: str | Iterable[str], limit: int | No
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    from cbo_utils.evaluate.scorer import PrefixSharingLM
 
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not tasks:
@@ -404,7 +410,10 @@ def evaluate_tasks(model, tokenizer, tasks: str | Iterable[str], limit: int | No
     removed = check_removal(model, removed) if removed else None
     with _hub_offline(source == "offline"):
         tm, names = _resolve(tasks, source)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        if scorer not in ("prefix", "hflm"):
+            raise ValueError(f"unknown scorer {scorer!r}; use 'prefix' (shared contexts) or 'hflm' (lm-eval's own)")
+        cls = PrefixSharingLM if scorer == "prefix" else HFLM
+        lm = cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         with without_blocks(model, removed or []):   # the pruned model in place (outputs equal the gated one)
             results = simple_evaluate(
                 model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
@@ -416,6 +425,22 @@ def evaluate_tasks(model, tokenizer, tasks: str | Iterable[str], limit: int | No
     if results is None:  # non-zero ranks under torch.distributed
         return []
     return _rows(results, source, limit, num_fewshot)
+
+
+def task_requests(tasks: str | Iterable[str], limit: int | None = None, source: str = "offline") -> list:
+    """lm-eval's request instances of ``tasks`` (their first ``limit`` documents), as ``simple_evaluate`` builds them:
+    for comparing scorers request by request (:mod:`cbo_utils.evaluate.scorer`)."""
+    from lm_eval.tasks import get_task_dict
+
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    with _hub_offline(source == "offline"):
+        tm, names = _resolve(tasks, source)
+        task_dict = get_task_dict(names, tm)
+    out = []
+    for task in task_dict.values():
+        task.build_all_requests(limit=limit, rank=0, world_size=1)
+        out += task.instances
+    return out
 
 
 def evaluate_checkpoint(path: str | os.PathLike, tasks: str | Iterable[str], dtype: str = "float32",
@@ -455,5 +480,5 @@ def zero_shot_mean(rows: Iterable[dict], tasks: Sequence[str] = ZERO_SHOT_TASKS,
 __all__ = [
     "BUILTIN_SPLITS", "PAPER_TASKS", "TASK_SPLITS", "ZERO_SHOT_METRIC", "ZERO_SHOT_TASKS", "boolq_docs",
     "evaluate_checkpoint", "evaluate_tasks", "lm_eval_tasks_dir", "lm_eval_version", "mmlu_subjects",
-    "offline_task_dir", "offline_tasks", "task_split", "zero_shot_mean",
+    "offline_task_dir", "offline_tasks", "task_requests", "task_split", "zero_shot_mean",
 ]

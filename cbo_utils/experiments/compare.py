@@ -40,7 +40,7 @@ import torch
 from cbo_utils.calibration import EVAL_TEXTS, embedded, heldout_text, load_calibration
 from cbo_utils.core.artifacts import atomic_write_text, format_blocks, parse_blocks, read_json, write_json
 from cbo_utils.core.profiles import check_keys, m_values, profile_with, results_dir, slug
-from cbo_utils.core.tables import add_evaluations, add_selections, markdown_table, upsert_rows
+from cbo_utils.core.tables import add_evaluations, add_selections, key_text, markdown_table, upsert_rows
 from cbo_utils.evaluate.efficiency import measure_checkpoint
 from cbo_utils.evaluate.lmeval import ZERO_SHOT_METRIC, evaluate_tasks, zero_shot_mean
 from cbo_utils.evaluate.measure import (
@@ -428,12 +428,23 @@ def _run_efficiency(model, tok, sels: pd.DataFrame, s, results: Path, out: Path,
 
 
 # -------------------------------------------------------------------------------------------------- report
-def comparison_table(results: Path, metric_tasks: Sequence[str]) -> pd.DataFrame:
+def _zero_shot_rows(ev: pd.DataFrame, tasks: Sequence[str], limit) -> pd.DataFrame:
+    """The rows of ``ev`` that are not zero-shot results of another item limit (a run with a new ``limit`` keeps the
+    old rows in the table; only the current limit's are reported)."""
+    if limit is None or "limit" not in ev.columns:
+        return ev
+    other = ev["task"].isin(list(tasks)) & (ev["limit"].map(key_text) != key_text(limit))
+    return ev[~other]
+
+
+def comparison_table(results: Path, metric_tasks: Sequence[str], limit=None) -> pd.DataFrame:
     """Method × M: held-out perplexity, each task's accuracy (acc_norm for hellaswag/arc_challenge), the zero-shot
-    mean, selection seconds. Random seeds are averaged (``random (mean of n)``)."""
+    mean, selection seconds. Random seeds are averaged (``random (mean of n)``). ``limit``: report the zero-shot
+    rows of this item limit only."""
 
     ev = pd.read_csv(results / "evaluations.csv")
     ev = ev[~ev["retrained"].astype(str).str.lower().eq("true")]
+    ev = _zero_shot_rows(ev, metric_tasks, limit)
     sel = pd.read_csv(results / "selections.csv") if (results / "selections.csv").is_file() else pd.DataFrame()
     recs = []
     for (model, method, M), grp in ev.groupby(["model", "method", "M"]):
@@ -455,6 +466,48 @@ def comparison_table(results: Path, metric_tasks: Sequence[str]) -> pd.DataFrame
             rec["selection_seconds"] = float(ss["selection_seconds"].mean()) if len(ss) else np.nan
         recs.append(rec)
     return pd.DataFrame(recs).sort_values(["model", "M", "heldout_ppl"]).reset_index(drop=True)
+
+
+def zero_shot_table(results: Path, tasks: Sequence[str], limit=None) -> pd.DataFrame:
+    """The methods with every zero-shot task measured (at ``limit`` items), per model and M: each task's accuracy ±
+    its standard error (lm-eval's), the unweighted mean ± its standard error (√Σse² / n, the tasks' items being
+    independent) and the difference of the mean to the best baseline's in standard errors of that difference."""
+
+    ev = pd.read_csv(results / "evaluations.csv")
+    ev = ev[~ev["retrained"].astype(str).str.lower().eq("true") & ev["task"].isin(list(tasks))]
+    ev = _zero_shot_rows(ev, tasks, limit)
+    recs = []
+    for (model, method, M, state), grp in ev.groupby(["model", "method", "M", "state"]):
+        rec: dict[str, Any] = {"model": model, "M": int(M), "method": method if state == "selected"
+                               else f"{method} ({state})"}
+        vals, ses = [], []
+        for t in tasks:
+            mt = ZERO_SHOT_METRIC.get(t, "acc")
+            r = grp[(grp["task"] == t) & (grp["metric"] == mt)]
+            if len(r) != 1:
+                break
+            v, se = float(r["value"].iloc[0]), float(r["stderr"].iloc[0])
+            rec[f"{t}/{mt}"] = f"{v:.3f} ± {se:.3f}"
+            vals.append(v)
+            ses.append(se)
+        else:
+            rec["items"] = int(grp["n"].astype(float).min())
+            rec["mean"], rec["se"] = float(np.mean(vals)), float(math.sqrt(sum(x * x for x in ses)) / len(ses))
+            recs.append(rec)
+    if not recs:
+        return pd.DataFrame()
+    tab = pd.DataFrame(recs)
+    out = []
+    for (_, M), grp in tab.groupby(["model", "M"]):
+        base = grp[~grp["method"].str.startswith(("cbo", "dense", "random"))]
+        grp = grp.copy()
+        if len(base) and M > 0:
+            b = base.loc[base["mean"].idxmax()]
+            grp["vs_best_baseline"] = [f"{m - b['mean']:+.3f} ({(m - b['mean']) / math.hypot(se, b['se']):+.1f} SE)"
+                                       if meth != b["method"] else "best baseline"
+                                       for m, se, meth in zip(grp["mean"], grp["se"], grp["method"])]
+        out.append(grp.sort_values("mean", ascending=False))
+    return pd.concat(out).reset_index(drop=True)
 
 
 def paired_table(results: Path, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
@@ -500,9 +553,16 @@ def write_report(results: Path, profile: str, s: dict) -> Path:
              + (" (chosen by the rule on development data: the lowest mean log-perplexity over M on SciQ held-out "
                 "windows, `development.json`)" if s["default"] == "dev" else "") + ".", ""]
     if (results / "evaluations.csv").is_file():
-        tab = comparison_table(results, s["tasks"])
+        tab = comparison_table(results, s["tasks"], s["limit"])
         for (model, M), grp in tab.groupby(["model", "M"]):
             lines += [f"## {model}, M = {M}", "", markdown_table(grp.drop(columns=["model", "M"])), ""]
+        zs = zero_shot_table(results, s["tasks"], s["limit"])
+        if len(zs):
+            lines += [f"## Zero-shot with standard errors (first {s['limit']} items per task)", "",
+                      "Accuracy ± lm-eval's standard error; mean ± √Σse²/n; vs_best_baseline: the mean's difference to "
+                      "the best baseline's at that M, in standard errors of the difference.", ""]
+            for (model, M), grp in zs.groupby(["model", "M"]):
+                lines += [f"### {model}, M = {M}", "", markdown_table(grp.drop(columns=["model", "M"])), ""]
     paired = paired_table(results, n_boot=int(s.get("bootstrap", 2000)))
     if len(paired):
         atomic_write_text(results / "paired.csv", paired.to_csv(index=False, float_format="%.6g"))
@@ -546,7 +606,7 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["comparison_table", "compare_settings", "paired_table", "run_compare", "write_report"]
+__all__ = ["comparison_table", "compare_settings", "paired_table", "run_compare", "write_report", "zero_shot_table"]
 
 if __name__ == "__main__":
     sys.exit(main())
