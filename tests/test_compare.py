@@ -196,3 +196,38 @@ def test_a_perplexity_on_other_windows_is_measured_again(tmp_path):
     add_evaluations(tmp_path, [{**row, "task": "heldout_ppl", "n": 8 * 255},            # an older, smaller run
                                {**row, "task": "heldout_ppl_lambada", "n": 32 * 255}])
     assert missing_measurements(tmp_path, key, s, retrained=False) == (["boolq"], [])
+
+
+def test_a_removal_measured_once_is_copied_to_methods_that_chose_the_same_blocks(tmp_path):
+    from cbo_utils.core.tables import add_evaluations, upsert_rows
+    from cbo_utils.evaluate.measure import WINDOW_COLUMNS, WINDOW_KEY, done_rows, reuse_measurements
+
+    base = {"model": "m", "M": 2, "state": "selected", "retrained": False, "lm_eval_version": "x"}
+    add_evaluations(tmp_path, [
+        {**base, "method": "sleb", "removed_blocks": "1 3", "task": "heldout_ppl", "metric": "perplexity",
+         "value": 12.5, "n": 100, "limit": None},
+        {**base, "method": "sleb", "removed_blocks": "1 3", "task": "arc_easy", "metric": "acc", "value": 0.4,
+         "stderr": 0.1, "n": 5, "limit": 5},
+        {**base, "method": "sleb", "removed_blocks": "1 3", "task": "arc_easy", "metric": "acc_norm", "value": 0.6,
+         "stderr": 0.1, "n": 5, "limit": 5},
+        {**base, "method": "tail", "removed_blocks": "2 3", "task": "heldout_ppl", "metric": "perplexity",
+         "value": 99.0, "n": 100, "limit": None}])
+    upsert_rows(tmp_path / "window_nll.csv", [{**{k: base[k] for k in ("model", "M", "state", "retrained")},
+                                               "method": "sleb", "task": "heldout_ppl", "window": w, "nll": 2.0 + w,
+                                               "tokens": 50} for w in range(2)], WINDOW_COLUMNS, WINDOW_KEY)
+    key = {"model": "m", "method": "cbo-pairs", "M": 2, "state": "selected"}
+    # other limit: the zero-shot task is still to measure; the perplexity is copied with its windows
+    assert reuse_measurements(tmp_path, key, "1 3", False, ["heldout_ppl", "arc_easy"], limit=10) == ["arc_easy"]
+    assert reuse_measurements(tmp_path, key, "1 3", False, ["arc_easy"], limit=5) == []
+    got = done_rows(tmp_path / "evaluations.csv", model="m", method="cbo-pairs", M=2)
+    assert sorted(zip(got["task"], got["metric"], got["value"])) == [
+        ("arc_easy", "acc", 0.4), ("arc_easy", "acc_norm", 0.6), ("heldout_ppl", "perplexity", 12.5)]
+    assert set(got["detail"]) == {"same removal as sleb"}
+    w = done_rows(tmp_path / "window_nll.csv", method="cbo-pairs")
+    assert list(w["nll"]) == [2.0, 3.0]
+    # different blocks, sliding-window merging (a merged model), a retrained model: nothing copied
+    key2 = {**key, "method": "angular_distance"}
+    assert reuse_measurements(tmp_path, key2, "1 2", False, ["heldout_ppl"]) == ["heldout_ppl"]
+    assert reuse_measurements(tmp_path, {**key, "method": "sliding_window_merging"}, "1 3", False,
+                              ["heldout_ppl"]) == ["heldout_ppl"]
+    assert reuse_measurements(tmp_path, key2, "1 3", True, ["heldout_ppl"]) == ["heldout_ppl"]

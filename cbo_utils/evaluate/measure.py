@@ -72,6 +72,49 @@ def missing_measurements(results: Path, key: dict, s: dict, retrained: bool) -> 
     return texts, [t for t in s["tasks"] if (t, key_text(s["limit"])) not in have]
 
 
+def reuse_measurements(results: Path, key: dict, removed_blocks: str, retrained: bool, tasks: Sequence[str],
+                       limit=None) -> list[str]:
+    """Copy to ``key`` the measurements of ``tasks`` that another selection with the *same* removed blocks (same
+    model and M, not sliding-window merging, whose merged model differs) already has at this ``limit``; the model
+    evaluated would be the same, so its numbers are. Copies carry ``detail = "same removal as <method>"`` (and their
+    per-window NLLs). Returns the tasks still to measure."""
+    blocks = "" if removed_blocks is None or (isinstance(removed_blocks, float) and removed_blocks != removed_blocks) \
+        else key_text(removed_blocks)
+    if key["method"] == "sliding_window_merging" or not blocks or not (results / "evaluations.csv").is_file():
+        return list(tasks)
+    ev = done_rows(results / "evaluations.csv", model=key["model"], M=key["M"], retrained=retrained)
+    if not len(ev):
+        return list(tasks)
+    same = ev[(ev["removed_blocks"].map(key_text) == blocks)
+              & (ev["method"] != "sliding_window_merging")
+              & ~((ev["method"] == key["method"]) & (ev["state"] == key["state"]))]
+    left, copies, windows = [], [], []
+    for task in tasks:
+        src = same[same["task"] == task]
+        if task.startswith(("heldout_ppl", "dev_ppl")):
+            pass
+        elif limit is not None:
+            src = src[src["limit"].map(key_text) == key_text(limit)]
+        if not len(src):
+            left.append(task)
+            continue
+        first = src.iloc[0]
+        src = src[(src["method"] == first["method"]) & (src["state"] == first["state"])]
+        copies += [{**r, **key, "retrained": retrained, "detail": f"same removal as {first['method']}"}
+                   for r in src.to_dict("records")]
+        if (results / "window_nll.csv").is_file() and task.startswith("heldout_ppl"):
+            w = done_rows(results / "window_nll.csv", model=key["model"], method=first["method"], M=key["M"],
+                          state=first["state"], retrained=retrained, task=task)
+            windows += [{**r, **{k: key[k] for k in ("model", "method", "M", "state")}, "retrained": retrained}
+                        for r in w.to_dict("records")]
+    if windows:
+        upsert_rows(results / "window_nll.csv", windows, WINDOW_COLUMNS, WINDOW_KEY, float_format="%.17g")
+    if copies:
+        add_evaluations(results, [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+                                  for r in copies])
+    return left
+
+
 WINDOW_COLUMNS = ["model", "method", "M", "state", "retrained", "task", "window", "nll", "tokens"]
 
 

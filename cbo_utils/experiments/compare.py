@@ -49,6 +49,8 @@ from cbo_utils.evaluate.measure import (
     heldout_windows,
     measure_selection,
     missing_measurements,
+    ppl_task,
+    reuse_measurements,
 )
 from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
 from cbo_utils.evaluate.statistics import paired_log_ratio
@@ -251,6 +253,9 @@ def _run_development(model, tok, sels: pd.DataFrame, s: dict, results: Path, mod
         key = {"model": model_name, "method": row["method"], "M": int(row["M"]), "state": label}
         if len(done_rows(results / "evaluations.csv", **key, retrained=False, task="dev_ppl_sciq")):
             continue
+        if row["method"] != "dense" and not reuse_measurements(results, key, row.get("removed_blocks", ""), False,
+                                                                ["dev_ppl_sciq"]):
+            continue   # another method removed the same blocks: its number copied
         m, removed = evaluation_model(model, row) if row["method"] != "dense" else (model, None)
         p = perplexity(m, windows, removed=removed or None)
         add_evaluations(results, [{**key, "retrained": False, "removed_blocks": row.get("removed_blocks", ""),
@@ -307,6 +312,10 @@ def _run_evaluations(model, tok, sels: pd.DataFrame, s: dict, results: Path, mod
                   if (results / DEVELOPMENT_FILE).is_file() else [])
         if zs != "all" and row["method"] not in set(zs) | {"dense"}:
             todo = []
+        if row["method"] != "dense" and (ppl_texts or todo):   # the same blocks removed by another method: copy
+            left = reuse_measurements(results, key, row.get("removed_blocks", ""), False,
+                                      [ppl_task(t) for t in ppl_texts] + list(todo), s["limit"])
+            ppl_texts, todo = [t for t in ppl_texts if ppl_task(t) in left], [t for t in todo if t in left]
         if not ppl_texts and not todo:
             continue  # resuming: nothing left to measure (and no SWM copy to build)
         m, removed = evaluation_model(model, row) if row["method"] != "dense" else (model, None)
