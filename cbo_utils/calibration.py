@@ -73,12 +73,18 @@ class CalibrationSet:
 def normalise_messages(conv: Sequence[dict]) -> list[dict[str, str]]:
     """ShareGPT (``from``/``value``) or OpenAI (``role``/``content``) turns → ``[{"role", "content"}]``."""
     out = []
+    if not isinstance(conv, (list, tuple)):
+        raise ValueError(f"a conversation must be a list of turns, got {type(conv).__name__}")
     for turn in conv:
+        if not isinstance(turn, dict):
+            raise ValueError(f"a conversation turn must be an object with role/content (or from/value), got {turn!r}")
         role = turn.get("role", turn.get("from"))
         content = turn.get("content", turn.get("value"))
         if role not in ROLE_MAP:
             raise ValueError(f"unknown conversation role {role!r}; expected one of {sorted(ROLE_MAP)}")
-        out.append({"role": ROLE_MAP[role], "content": content or ""})
+        if not isinstance(content, str):
+            raise ValueError(f"a {role!r} turn has no text ('content' or 'value'): {turn!r}")
+        out.append({"role": ROLE_MAP[role], "content": content})
     return out
 
 
@@ -189,13 +195,21 @@ def embedded(tokenizer, samples: int = 128, max_tokens: int = 256, seed: int = 0
                                 "chat_template": chat, "packing": "concatenated conversations, fixed windows"})
 
 
+def _read_text(path: Path, spec: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{spec}{path} is not UTF-8 text (byte {exc.start} cannot be decoded; a binary file?); give "
+                         "a plain-text file") from None
+
+
 def from_text_file(path, tokenizer, samples: int = 128, max_tokens: int = 256, add_bos: bool = True
                    ) -> CalibrationSet:
     """Plain text cut into consecutive windows of ``max_tokens`` (a BOS token first when the tokenizer has one)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"calibration text file {path} does not exist")
-    ids = _ids(tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False))
+    ids = _ids(tokenizer(_read_text(path, "text:"), add_special_tokens=False))
     bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
     body = max_tokens - len(bos)
     out = [_sample(bos + ids[i * body:(i + 1) * body]) for i in range(min(samples, len(ids) // body))]
@@ -206,13 +220,21 @@ def from_text_file(path, tokenizer, samples: int = 128, max_tokens: int = 256, a
 def _rows_to_samples(rows: Iterable[dict], tokenizer, samples: int, max_tokens: int | None,
                      enable_thinking: bool | None, what: str) -> list[dict[str, torch.Tensor]]:
     out = []
-    for row in rows:
+    for n, row in enumerate(rows, 1):
         if len(out) >= samples:
             break
+        if not isinstance(row, dict):
+            raise ValueError(f"{what}: row {n} is a JSON {type(row).__name__}, not an object with 'messages', "
+                             "'conversations' or 'text'")
         conv = row.get("messages") or row.get("conversations")
         if conv:
-            ids, mask = render_chat(tokenizer, conv, enable_thinking=enable_thinking)
+            try:
+                ids, mask = render_chat(tokenizer, conv, enable_thinking=enable_thinking)
+            except ValueError as exc:
+                raise ValueError(f"{what}: row {n}: {exc}") from None
         elif "text" in row:
+            if not isinstance(row["text"], str):
+                raise ValueError(f"{what}: row {n}: 'text' must be a string, got {type(row['text']).__name__}")
             ids = _ids(tokenizer(row["text"]))
             mask = [True] * len(ids)
         else:
@@ -231,8 +253,14 @@ def from_jsonl(path, tokenizer, samples: int = 128, max_tokens: int | None = Non
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"calibration JSONL file {path} does not exist")
-    with open(path, encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
+    rows = []
+    for n, line in enumerate(_read_text(path, "jsonl:").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"jsonl:{path}: line {n} is not valid JSON ({exc.msg} at column {exc.colno})") \
+                    from None
     out = _rows_to_samples(rows, tokenizer, samples, max_tokens, enable_thinking, str(path))
     _check_count(len(out), samples, str(path))
     return CalibrationSet(out, {"source": f"jsonl:{path}", "max_tokens": max_tokens,

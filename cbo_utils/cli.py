@@ -20,13 +20,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
+import pickle
 import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from cbo_utils.calibration import load_calibration
-from cbo_utils.core.artifacts import parse_blocks, provenance, sidecar_path
-from cbo_utils.experiments.compare import run_compare
+from cbo_utils.core.artifacts import (
+    check_output,
+    check_writable,
+    parse_blocks,
+    provenance,
+    read_json,
+    sidecar_path,
+)
+from cbo_utils.experiments.compare import STAGES, run_compare
 from cbo_utils.experiments.compress import compress
 from cbo_utils.experiments.hybrid import run_profile, summary_table
 from cbo_utils.gradients import collect_gate_gradients, gradients_provenance, load_gradients
@@ -43,7 +55,9 @@ from cbo_utils.select.selection import write_selections_csv
 from cbo_utils.solvers.heuristics import solve
 from cbo_utils.solvers.states import read_states_csv, states_blocks, write_states_csv
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2          # a user error: bad input, an output that exists, a file that cannot be read
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGINT (the shell's convention)
+EXIT_INTERNAL = 1       # a bug in cbo (and `cbo verify`: a check failed)
 EXACT_STATE_LIMIT = 10**11  # beyond this `cbo solve --solver exact` asks for --force
 
 
@@ -59,18 +73,86 @@ def _blocks_arg(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return v
+def _typed(convert, ok, need: str):
+    """An argparse type: ``convert`` the text (int or float), then require ``ok(value)``; the messages say what the
+    value must be."""
+    def parse(text: str):
+        try:
+            v = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if convert is int else 'a number'}") \
+                from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {need}, got {text}")
+        return v
+
+    return parse
+
+
+_positive = _typed(int, lambda v: v >= 1, "a positive whole number")
+_nonnegative = _typed(int, lambda v: v >= 0, "a whole number, 0 or more")
+_positive_float = _typed(float, lambda v: math.isfinite(v) and v > 0, "a finite number above 0")
+_nonnegative_float = _typed(float, lambda v: math.isfinite(v) and v >= 0, "a finite number, 0 or more")
+_fraction = _typed(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+
+
+#: what --device-map accepts (accelerate's strategies), besides a device ("cpu", "cuda", "cuda:1") or a JSON mapping
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _device_map(text: str):
+    t = text.strip()
+    if t in DEVICE_MAPS or t in ("cpu", "cuda", "mps") or (t.startswith("cuda:") and t[5:].isdigit()):
+        return t
+    if t.startswith("{"):
+        try:
+            m = json.loads(t)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({exc.msg})") from None
+        if isinstance(m, dict):
+            return m
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device map; use one of {', '.join(DEVICE_MAPS)}, a device "
+                                     "(cpu, cuda, cuda:1) or a JSON mapping of module names to devices")
+
+
+def _device(text: str) -> str:
+    t = text.strip()
+    if t == "cpu" or t == "cuda" or t == "mps" or (t.startswith("cuda:") and t[5:].isdigit()):
+        return t
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N")
+
+
+def _check_device(device: str | None) -> None:
+    """A CUDA device asked for on a machine without one: refused before anything loads."""
+    if device and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {device}: this machine has no CUDA GPU that torch can use "
+                           f"(torch {torch.__version__}); leave --device out to run on the CPU")
+        n = torch.cuda.device_count()
+        if ":" in device and int(device.split(":")[1]) >= n:
+            raise CLIError(f"--device {device}: this machine has {n} CUDA device(s), numbered 0..{n - 1}")
+
+
+def _block_types(text: str) -> tuple[str, ...]:
+    """--only-types: comma-separated block types, normalised (spaces, case); the types the package knows."""
+    from cbo_utils.model.blocks import BLOCK_TYPES
+
+    types = tuple(t.strip().lower() for t in text.split(",") if t.strip())
+    unknown = [t for t in types if t not in BLOCK_TYPES]
+    if not types or unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown block type(s) {unknown or [text]}; use a comma-separated "
+                                         f"subset of {', '.join(BLOCK_TYPES)}")
+    return types
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local folder, Hub id, 'smollm2' or a tiny model name")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (gates are always float32; default float32)")
-    p.add_argument("--device-map", default=None, help="e.g. 'auto' to shard a large model over the GPUs")
+    p.add_argument("--device-map", type=_device_map, default=None,
+                   help="e.g. 'auto' to shard a large model over the GPUs")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
 
 
@@ -91,10 +173,39 @@ def cmd_blocks(args) -> int:
     return 0
 
 
+GRADIENT_PARAMETERS = ("dtype", "samples", "max_tokens", "calibration", "response_only", "exact_hessian",
+                       "batch_size", "random_removal", "points_per_sample")
+
+
+def _gradient_parameters(args) -> dict:
+    """What `cbo gradients` records of its inputs (and compares with an existing output's record)."""
+    p = {"model": args.model, "seed": args.seed, **{k: getattr(args, k) for k in GRADIENT_PARAMETERS}}
+    p["calibration_spec"] = p.pop("calibration")
+    return json.loads(json.dumps(p))   # tuples as lists, as read back from the sidecar
+
+
 def cmd_gradients(args) -> int:
     import torch
 
-
+    out = check_writable(args.out, "folder")
+    _check_device(args.device)
+    target = out / "gradients.safetensors"
+    if target.exists():
+        side = sidecar_path(target)
+        old = read_json(side).get("parameters", {}) if side.is_file() else {}
+        new = _gradient_parameters(args)
+        same = {k: old.get(k) for k in new} == new
+        if same and not args.overwrite:
+            print(f"{target} is up to date (made from the same model, calibration and settings); nothing to do — "
+                  "pass --overwrite to compute it again")
+            return 0
+        if not args.overwrite:
+            differ = sorted(k for k in new if old.get(k) != new[k])
+            raise CLIError(f"{target} exists and was made from other inputs ({', '.join(differ) or 'no record'}); "
+                           "choose another --out, or pass --overwrite to replace it")
+        if not side.is_file():
+            raise CLIError(f"--overwrite replaces only outputs cbo wrote, and {target} has no sidecar record "
+                           f"({side.name}); nothing was changed — give a new --out")
     torch.manual_seed(args.seed)
     model, tok = _load(args)
     if args.device and not args.device_map:
@@ -102,10 +213,13 @@ def cmd_gradients(args) -> int:
     calib = load_calibration(args.calibration, tok, samples=args.samples, max_tokens=args.max_tokens,
                              enable_thinking=args.enable_thinking)
     print(f"calibration: {len(calib)} samples, {calib.tokens} tokens ({calib.recipe.get('source')})", file=sys.stderr)
+    if args.exact_hessian > len(calib):
+        raise CLIError(f"--exact-hessian {args.exact_hessian} exceeds the {len(calib)} calibration samples; give at "
+                       "most --samples")
     res = collect_gate_gradients(model, calib, batch_size=args.batch_size, response_only=args.response_only,
                                  exact_hessian_samples=args.exact_hessian,
                                  gradient_checkpointing=args.gradient_checkpointing, progress=not args.quiet,
-                                 checkpoint=Path(args.out) / "gradients.partial",
+                                 checkpoint=out / "gradients.partial",
                                  random_removal=args.random_removal, points_per_sample=args.points_per_sample,
                                  seed=args.seed)
     rec = gradients_provenance(args.model, calib, args.seed, dtype=args.dtype, samples=args.samples,
@@ -113,16 +227,24 @@ def cmd_gradients(args) -> int:
                                response_only=args.response_only, exact_hessian=args.exact_hessian,
                                batch_size=args.batch_size, random_removal=args.random_removal,
                                points_per_sample=args.points_per_sample)
-    out = res.save(args.out, rec)
+    written = res.save(out, rec)
     m = res.meta
-    print(f"wrote {out} (A {tuple(res.A.shape)}, g, H{', H_exact' if res.H_exact is not None else ''}); "
+    print(f"wrote {written} (A {tuple(res.A.shape)}, g, H{', H_exact' if res.H_exact is not None else ''}); "
           f"{m['seconds_gradients']:.1f} s ({m['seconds_per_sample']:.3f} s/sample), "
           f"peak RSS {m['peak_rss_gb']:.2f} GB, mean loss {m['mean_loss']:.4f}")
     return 0
 
 
+def _check_file_out(out, overwrite: bool) -> Path:
+    """A file output (states / selection CSV): writable, not a folder; an existing one is replaced only with
+    --overwrite and only when cbo wrote it (its sidecar)."""
+    out = check_writable(out, "file")
+    return check_output(out, overwrite)
+
+
 def cmd_baseline(args) -> int:
 
+    _check_file_out(args.out, args.overwrite)
     model, tok = _load(args)
     calib = load_calibration(args.calibration, tok, samples=args.samples, max_tokens=args.max_tokens)
     name = args.method.strip().lower().replace("-", "_")
@@ -136,7 +258,10 @@ def cmd_baseline(args) -> int:
 
 def cmd_compare(args) -> int:
 
-    stages = args.stages or ("select", "evaluate", "correlate", "efficiency", "report")
+    stages = args.stages or ("select", "develop", "evaluate", "correlate", "efficiency", "report")
+    unknown = [st for st in stages if st not in STAGES]
+    if unknown:
+        raise CLIError(f"unknown --stages {unknown}; choose from {' '.join(STAGES)}")
     path = run_compare(args.profile, Path(args.results) if args.results else None, M_values=args.M, stages=stages)
     print(f"report: {path}")
     return 0
@@ -144,7 +269,10 @@ def cmd_compare(args) -> int:
 
 def cmd_solve(args) -> int:
 
-    res = load_gradients(args.hessian)
+    _check_file_out(args.out, args.overwrite)
+    if args.checkpoint:
+        check_writable(args.checkpoint, "file")
+    res = load_gradients(args.hessian, kind=args.input_kind)
     H = res.H
     if args.hessian_kind == "exact":
         if res.H_exact is None:
@@ -157,9 +285,7 @@ def cmd_solve(args) -> int:
     problem = BlockRemovalProblem.from_hessian(
         H.numpy(), args.M, energy_gradient(args.energy, g=res.g.numpy()), energy=args.energy,
         keep=args.keep or (), remove=args.remove or (), block_types=types,
-        only_types=tuple(args.only_types.split(",")) if args.only_types else None)
-    import math
-
+        only_types=args.only_types or None)
     n_states = math.comb(len(problem.free), problem.M_free)
     if args.solver == "exact" and n_states > EXACT_STATE_LIMIT and not args.force:
         raise CLIError(f"exact enumeration of C({len(problem.free)}, {problem.M_free}) = {n_states:.3g} states would "
@@ -181,7 +307,7 @@ def cmd_solve(args) -> int:
             raise CLIError("--checkpoint applies to --solver exact")
         kw.update(checkpoint=args.checkpoint)
     t0 = time.perf_counter()
-    df = solve(problem, solver=args.solver, k=args.k, seed=args.seed, **kw)
+    df = _feasible_states(problem, res, args, kw)
     info = df.attrs["solver_info"]
     if args.bound:
 
@@ -201,6 +327,55 @@ def cmd_solve(args) -> int:
         print(f"best energy {best:.10g}; certified lower bound {info['lower_bound']:.10g}: {status}")
     print(f"wrote {args.out} ({len(df)} states, {dt:.2f} s) and {sidecar_path(args.out)}")
     return 0
+
+
+def _feasible_states(problem, res, args, kw):
+    """The solver's k lowest states that `cbo prune` accepts: on a hybrid model every state that removes all attention
+    blocks is dropped (the rule of :func:`cbo_utils.model.blocks.check_indices`), and more states are asked for until
+    k remain or the solver has no more."""
+    from cbo_utils.model.blocks import ATTENTION, MAMBA, RemovalError, check_indices
+
+    types = res.meta.get("block_types")
+    hybrid = bool(res.meta.get("hybrid", types is not None and MAMBA in types))
+    if not (types and hybrid and ATTENTION in types):
+        return solve(problem, solver=args.solver, k=args.k, seed=args.seed, **kw)
+    att = [i for i, t in enumerate(types) if t == ATTENTION]
+    removable = [i for i in att if i not in set(args.keep or ())]
+    if set(att) <= set(args.remove or ()):
+        raise CLIError(f"--remove takes out every attention block {att} of this hybrid model; at least one must "
+                       "remain (cached generation needs it)")
+    if problem.only_types is not None and set(problem.only_types) == {ATTENTION} and args.M >= len(removable) \
+            and len(removable) == len(att):
+        raise CLIError(f"removing {args.M} attention blocks of this hybrid model removes all {len(att)}; at least one "
+                       f"must remain: use -M {len(att) - 1} or less")
+
+    def ok(blocks):
+        try:
+            check_indices(blocks, len(types), types, hybrid)
+            return True
+        except RemovalError:
+            return False
+
+    k = args.k
+    while True:
+        df = solve(problem, solver=args.solver, k=k, seed=args.seed, **kw)
+        keep = [ok(b) for b in states_blocks(df)]
+        if sum(keep) >= args.k or len(df) < k or k >= 64 * args.k:
+            break
+        k *= 4
+    dropped = len(df) - sum(keep)
+    out = df[keep].head(args.k).reset_index(drop=True)
+    out["rank"] = range(len(out))
+    out.attrs = dict(df.attrs)
+    out.attrs["solver_info"] = {**df.attrs.get("solver_info", {}), "dropped_infeasible": int(dropped),
+                                "rule": "a hybrid model keeps at least one attention block"}
+    if out.empty:
+        raise CLIError("every state the solver found removes all attention blocks of this hybrid model; lower -M or "
+                       "--keep one attention block")
+    if dropped:
+        print(f"dropped {dropped} state(s) that remove every attention block (a hybrid model keeps one)",
+              file=sys.stderr)
+    return out
 
 
 def _gradient_file(path) -> Path:
@@ -223,7 +398,17 @@ def cmd_prune(args) -> int:
         method = f"cbo:{args.rank} ({rows['solver'].iloc[0]}, {args.states})"
     else:
         remove = args.remove
+    out = Path(args.out)
+    check_writable(out, "folder")
+    resumed = _unverified_export(out, args.model, remove) if args.verify else False
+    if not resumed:
+        check_output(out, args.overwrite)
     model, tok = _load(args)
+    if resumed:   # an earlier run exported the same blocks and was stopped before its verification
+        print(f"{out} holds the export of an earlier run with the same blocks, not yet verified: verifying it")
+        rep = verify_export(out, model, tok)
+        print(f"verified: {', '.join(k for k in rep['checks'])} all ok")
+        return 0
     original = copy.deepcopy(model) if args.verify else None
     out = export_pruned(model, tok, remove, args.out, method=method, energy=energy, source=args.model,
                         overwrite=args.overwrite)
@@ -234,15 +419,54 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _unverified_export(out: Path, source: str, remove) -> bool:
+    """Whether ``out`` is a complete export by cbo of ``source`` without ``remove`` that was never verified (a run
+    killed during its verification): a rerun verifies it instead of refusing the folder."""
+    rec_path = out / "removed_blocks.json"
+    if not rec_path.is_file() or (out / "verification.json").is_file():
+        return False
+    try:
+        rec = read_json(rec_path)
+    except ValueError:
+        return False
+    return rec.get("source_model") == source and sorted(rec.get("removed_blocks", [])) == sorted(remove)
+
+
 def cmd_verify(args) -> int:
 
     if not (Path(args.folder) / "removed_blocks.json").is_file():
         raise CLIError(f"{args.folder} is not a folder written by `cbo prune` (no removed_blocks.json)")
     original, tok = load_model(args.original, dtype="float32", trust_remote_code=args.trust_remote_code)
-    rep = verify_export(args.folder, original, tok, raise_on_fail=False)
+    rec = read_json(Path(args.folder) / "removed_blocks.json")
+    n = rec.get("num_blocks_original")
+    from cbo_utils.model.blocks import model_layers
+
+    have = len(model_layers(original)[1])
+    if n is not None and int(n) != have:
+        raise CLIError(f"{args.folder} was pruned from a model of {n} blocks, but --original {args.original} has "
+                       f"{have}; give the model it was pruned from (its record names {rec.get('source_model')!r})")
+    if type(original).__name__ != _saved_class(Path(args.folder)) and _saved_class(Path(args.folder)):
+        raise CLIError(f"{args.folder} is a {_saved_class(Path(args.folder))}, --original {args.original} a "
+                       f"{type(original).__name__}; give the model it was pruned from (its record names "
+                       f"{rec.get('source_model')!r})")
+    from safetensors import SafetensorError
+
+    try:
+        rep = verify_export(args.folder, original, tok, raise_on_fail=False)
+    except SafetensorError as exc:
+        raise CLIError(f"{args.folder}: a weight file cannot be read ({exc}); the folder is truncated or corrupt — "
+                       "export it again with `cbo prune`") from None
     print(json.dumps(rep["checks"], indent=2, default=str))
     print("PASS" if rep["ok"] else "FAIL")
     return 0 if rep["ok"] else 1
+
+
+def _saved_class(folder: Path) -> str | None:
+    try:
+        arch = read_json(folder / "config.json").get("architectures") or []
+    except (OSError, ValueError):
+        return None
+    return arch[0] if arch else None
 
 
 def cmd_retrain(args) -> int:
@@ -252,6 +476,25 @@ def cmd_retrain(args) -> int:
     if (args.student is None) == (args.remove is None):
         raise CLIError("give the student either as --student FOLDER (e.g. from `cbo prune`) or as --remove "
                        "BLOCKS (removed from a fresh copy of --teacher)")
+    out = check_writable(args.out, "folder")
+    if out.is_dir() and any(out.iterdir()):
+        log = out / "train_log.csv"
+        prev = out / "distill_run.json"
+        if not (log.is_file() or prev.is_file() or (out / "checkpoint").is_dir()
+                or (out / "retraining.json").is_file()):
+            raise CLIError(f"--out {out} is a folder with other files (not a retraining run of cbo); give a new "
+                           "or empty folder")
+        if prev.is_file():
+            rec = read_json(prev)
+            if (rec.get("teacher"), rec.get("student")) != (args.teacher, args.student or f"remove {args.remove}") \
+                    and not args.overwrite:
+                raise CLIError(f"--out {out} holds a retraining of another model ({rec.get('student')} from "
+                               f"{rec.get('teacher')}); choose another --out, or pass --overwrite to start over there")
+    if args.student:
+        srec = Path(args.student) / "removed_blocks.json"
+        if not srec.is_file():
+            raise CLIError(f"--student {args.student} is not a pruned folder written by `cbo prune` (no "
+                           "removed_blocks.json); prune the teacher first, or give --remove BLOCKS")
     cfg = DistillConfig(lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                         epochs=args.epochs, max_steps=args.max_steps, warmup_steps=args.warmup_steps,
                         weight_decay=args.weight_decay, grad_clip=args.grad_clip, temperature=args.temperature,
@@ -268,6 +511,18 @@ def cmd_retrain(args) -> int:
             teacher.to("cuda")
     data = kd_data(tok, args.data, max_length=args.max_length, heldout_fraction=args.heldout_fraction,
                    packing=args.packing, samples=args.samples, seed=args.seed)
+    src = read_json(Path(args.student) / "removed_blocks.json").get("source_model") if args.student else None
+    from cbo_utils.model.blocks import model_layers
+
+    n_teacher, n_student = len(model_layers(teacher)[1]), len(model_layers(student)[1])
+    if type(student).__name__ != type(teacher).__name__ or n_student >= n_teacher:
+        raise CLIError(f"--student {args.student or args.remove} ({type(student).__name__}, {n_student} blocks) is not "
+                       f"a pruned copy of --teacher {args.teacher} ({type(teacher).__name__}, {n_teacher} blocks)"
+                       + (f"; its record says it was pruned from {src!r}" if src else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    from cbo_utils.core.artifacts import write_json
+
+    write_json(out / "distill_run.json", {"teacher": args.teacher, "student": args.student or f"remove {args.remove}"})
     res = distill(student, teacher, tok, data, cfg, args.out,
                   extra_provenance={"teacher": args.teacher, "student": args.student or f"remove {args.remove}"})
     print(f"retrained {res.steps} steps, {res.tokens:,} tokens in {res.seconds:.0f} s; held-out KL "
@@ -316,6 +571,7 @@ def _range_arg(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cbo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--debug", action="store_true", help="show Python tracebacks (also: CBO_DEBUG=1)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("blocks", help="list the blocks of a model and their types")
@@ -329,13 +585,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (gradients.safetensors + .json sidecar)")
     p.add_argument("--samples", type=_positive, default=128)
     p.add_argument("--max-tokens", type=_positive, default=256, help="tokens per sample (window length)")
-    p.add_argument("--exact-hessian", type=int, default=0, metavar="K", help="exact gate Hessian on the first K "
-                   "samples (N Hessian-vector products each)")
+    p.add_argument("--exact-hessian", type=_nonnegative, default=0, metavar="K",
+                   help="exact gate Hessian on the first K samples (N Hessian-vector products each)")
     p.add_argument("--batch-size", type=_positive, default=1, help="samples per step (per-sample gates; default 1)")
     p.add_argument("--response-only", action="store_true", help="count only assistant tokens in the loss")
     p.add_argument("--enable-thinking", action="store_true", default=None, help="Qwen3 thinking chat template")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the model loads)")
+    p.add_argument("--device", type=_device, default=None,
+                   help="cpu, cuda, cuda:1 ... (default: where the model loads)")
+    p.add_argument("--overwrite", action="store_true", help="replace gradients of other inputs in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--random-removal", type=_range_arg, default=None, metavar="LO,HI",
@@ -357,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--seed", type=int, default=0, help="for --method random")
     p.add_argument("--out", required=True, help="selection CSV (one row: removed blocks, order, scores, seconds)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing selection CSV written by cbo")
     p.set_defaults(func=cmd_baseline)
 
     p = sub.add_parser("compare", help="every baseline and CBO variant on one profile, evaluated the same way")
@@ -364,11 +623,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default=None, help="default: results/<profile>/")
     p.add_argument("-M", nargs="*", type=int, default=None, help="a subset of the profile's M values")
     p.add_argument("--stages", nargs="*", default=None,
-                   help="select evaluate correlate efficiency report (default: all)")
+                   help="select develop evaluate correlate efficiency report (default: all)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("solve", help="the k lowest-energy removals of exactly M blocks")
     p.add_argument("--hessian", required=True, help="folder or file from `cbo gradients`, or a .pt m×N tensor")
+    p.add_argument("--input-kind", choices=["gradients", "matrix"], default=None,
+                   help="what a .pt tensor holds: gradients (m × N rows, the default for non-square tensors) or an N × "
+                        "N matrix H; a square tensor needs it said")
     p.add_argument("-M", type=_positive, required=True, help="number of blocks to remove")
     p.add_argument("-k", type=_positive, default=20, help="number of lowest states to return")
     p.add_argument("--solver", default="exact", choices=["exact", "sa", "tabu"],
@@ -379,18 +641,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hessian-kind", default="fisher", choices=["fisher", "exact"])
     p.add_argument("--keep", type=_blocks_arg, help="blocks that must stay, e.g. 0,29")
     p.add_argument("--remove", type=_blocks_arg, help="blocks that must be removed")
-    p.add_argument("--only-types", help="remove only blocks of these types, e.g. moe or attention,moe")
+    p.add_argument("--only-types", type=_block_types, help="remove only blocks of these types, e.g. moe or "
+                   "attention,moe")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="enumerate even beyond 10¹¹ states")
     p.add_argument("--reads", type=_positive, help="samples for sa/tabu")
     p.add_argument("--sweeps", type=_positive, default=1000, help="sweeps per SA read")
     p.add_argument("--timeout-ms", type=_positive, default=200, help="time per tabu read")
-    p.add_argument("--time-limit", type=float, default=None, help="seconds for tabu (split over its reads)")
+    p.add_argument("--time-limit", type=_positive_float, default=None, help="seconds for tabu (split over its reads)")
     p.add_argument("--bound", action="store_true",
                    help="also compute a certified lower bound on the ground-state energy and report the gap")
-    p.add_argument("--bound-time-limit", type=float, default=10.0, help="seconds for the bound (--bound)")
+    p.add_argument("--bound-time-limit", type=_positive_float, default=10.0, help="seconds for the bound (--bound)")
     p.add_argument("--checkpoint", help="exact: save the enumeration here; a rerun resumes an interrupted one")
     p.add_argument("--out", required=True, help="states CSV (rank, energy, removed_blocks, ...)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing states CSV written by cbo")
     p.set_defaults(func=cmd_solve)
 
     p = sub.add_parser("prune", help="remove blocks and save a standard from_pretrained folder")
@@ -398,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--remove", type=_blocks_arg, help="0-based blocks to remove, e.g. 3,7,12 or 24-29")
     g.add_argument("--states", help="states CSV from `cbo solve`")
-    p.add_argument("--rank", type=int, default=0, help="which state of --states (0 = ground state)")
+    p.add_argument("--rank", type=_nonnegative, default=0, help="which state of --states (0 = ground state)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the verification of the export")
@@ -413,20 +677,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive, default=None, help="use only the first N conversations")
     p.add_argument("--max-length", type=_positive, default=1024)
     p.add_argument("--packing", action="store_true", help="concatenate conversations into full windows")
-    p.add_argument("--heldout-fraction", type=float, default=0.01)
-    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--heldout-fraction", type=_fraction, default=0.01)
+    p.add_argument("--lr", type=_positive_float, default=2e-5)
     p.add_argument("--batch-size", type=_positive, default=16, help="global batch (sequences per step)")
     p.add_argument("--micro-batch-size", type=_positive, default=4)
-    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--epochs", type=_positive_float, default=1.0)
     p.add_argument("--max-steps", type=_positive, default=None)
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--warmup-steps", type=_nonnegative, default=100)
+    p.add_argument("--weight-decay", type=_nonnegative_float, default=1e-4)
+    p.add_argument("--grad-clip", type=_positive_float, default=1.0)
+    p.add_argument("--temperature", type=_positive_float, default=1.0)
     p.add_argument("--teacher-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "nf4"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="student weights")
-    p.add_argument("--device-map", default=None, help="teacher placement, e.g. auto")
-    p.add_argument("--save-every", type=int, default=50, help="steps between resumable checkpoints")
+    p.add_argument("--device-map", type=_device_map, default=None, help="teacher placement, e.g. auto")
+    p.add_argument("--save-every", type=_positive, default=50, help="steps between resumable checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another retraining")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_retrain)
 
@@ -453,7 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default="embedded", help="embedded | text:PATH | jsonl:PATH | hf:NAME")
     p.add_argument("--samples", type=_positive, default=16, help="calibration windows (default 16)")
     p.add_argument("--max-tokens", type=_positive, default=128, help="tokens per window (default 128)")
-    p.add_argument("--retrain-steps", type=int, default=0, help="knowledge-distillation steps after pruning (0)")
+    p.add_argument("--retrain-steps", type=_nonnegative, default=0,
+                   help="knowledge-distillation steps after pruning (0)")
     p.add_argument("--gguf", action="store_true", help="with a .gguf --model: also write <out>/model.gguf, the "
                                                        "source file with the blocks removed (quantisation kept)")
     p.add_argument("--seed", type=int, default=0)
@@ -467,16 +733,64 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+#: where an interrupted command resumes (Ctrl-C message)
+RESUME = {
+    "gradients": "rerun the same command: it resumes from {out}/gradients.partial",
+    "solve": "rerun the same command (with --checkpoint, exact enumeration resumes from it)",
+    "retrain": "rerun the same command: it resumes from {out}/checkpoint",
+    "compress": "rerun the same command: it resumes from the last finished step in {out}",
+    "compare": "rerun the same command: what is already in its tables is not measured again",
+    "hybrid": "rerun the same command: finished stages are not repeated",
+}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errs: list[type[BaseException]] = [CLIError, ValueError, OSError, KeyError, yaml.YAMLError, pickle.UnpicklingError,
+                                       json.JSONDecodeError, argparse.ArgumentTypeError]
+    try:
+        from safetensors import SafetensorError
+
+        errs.append(SafetensorError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errs)
+
+
+def _message(exc: BaseException) -> str:
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in msg:
+        return ("a file holds Python objects that cbo does not unpickle (loading them could run code): save tensors "
+                "with safetensors (safetensors.torch.save_file) or as a plain tensor with torch.save")
+    return " ".join(str(msg).split("\n")[0:3]).strip() or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``cbo`` command. Exit codes: 0 done, 1 a bug in cbo (or `cbo verify`: a check failed), 2 a user error
+    (bad input, an output that exists, an unreadable file), 130 interrupted. No traceback unless ``--debug`` or
+    ``CBO_DEBUG=1``."""
     ap = build_parser()
     args = ap.parse_args(argv)
+    debug = args.debug or os.environ.get("CBO_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args)
-    except (CLIError, ValueError, OSError, KeyError) as exc:  # OSError: missing files, unreachable models
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"cbo {args.command}: error: {msg}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        hint = RESUME.get(args.command, "nothing was half-written (outputs are written atomically); rerun the command")
+        print(f"\ncbo {args.command}: interrupted; {hint.format(out=getattr(args, 'out', '--out'))}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _user_errors() as exc:  # OSError: missing files, unreachable models, unwritable outputs
+        if debug:
+            raise
+        print(f"cbo {args.command}: error: {_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"cbo {args.command}: internal error ({type(exc).__name__}: {_message(exc)}); this is a bug in cbo, not "
+              "in your input — rerun with --debug (or CBO_DEBUG=1) for the traceback and report it", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -59,6 +59,13 @@ class GradientResult:
         _check_matrix(A, "gradient matrix A")
         return cls(A=A, g=A.mean(0), H=fisher_from_gradients(A), H_exact=H_exact, meta=dict(meta or {}))
 
+    @classmethod
+    def from_matrix(cls, H: torch.Tensor, meta=None) -> GradientResult:
+        """A given N × N matrix H (no per-sample rows: A is 0 × N, g is 0 — the Fisher energy needs only H)."""
+        H = H.double()
+        n = H.shape[0]
+        return cls(torch.zeros(0, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), H, None, meta or {})
+
     def save(self, out_dir, record: dict | None = None) -> Path:
         """``out_dir/gradients.safetensors`` (arrays A, g, H[, H_exact]) + its JSON provenance sidecar."""
         from safetensors.torch import save as st_save
@@ -92,34 +99,75 @@ def _check_matrix(A: torch.Tensor, what: str) -> None:
                          "gradients with float32 weights (bf16/fp16 can overflow) or drop those samples")
 
 
-def load_gradients(path) -> GradientResult:
+def load_gradients(path, kind: str | None = None) -> GradientResult:
     """Load A, g, H (and H_exact) from a folder or ``.safetensors`` written by this package, or the authors'
-    published torch tensors (``.pt``: an m × N tensor, or a dict holding one), read with ``weights_only=True``."""
+    published torch tensors (``.pt``: an m × N tensor, or a dict holding one), read with ``weights_only=True``.
+
+    ``kind`` says what a ``.pt`` tensor holds: ``"gradients"`` (m × N rows of per-sample gate gradients; the default
+    for a non-square tensor) or ``"matrix"`` (an N × N matrix H itself). A square tensor is ambiguous — m = N samples
+    of gradients or a matrix — and is refused unless ``kind`` says which. Unreadable files raise ``ValueError``
+    naming the file."""
     path = Path(path)
+    if kind not in (None, "gradients", "matrix"):
+        raise ValueError(f"kind must be 'gradients' or 'matrix', got {kind!r}")
     if path.is_dir():
         path = path / GRADIENTS_FILE
     if not path.exists():
         raise FileNotFoundError(f"no gradient file at {path}; run `cbo gradients` first or give the .safetensors/.pt "
                                 "file")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        t = load_file(path)
+        try:
+            t = load_file(path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"{path} is not a readable safetensors file ({_first_line(exc)[:100]}); it is "
+                             "empty, truncated or of another format — write it again with `cbo gradients`") from None
         if "A" not in t:
-            raise ValueError(f"{path} has no array named 'A' (found {sorted(t)})")
+            raise ValueError(f"{path} has no array named 'A' (found {sorted(t)}); it is not a gradient file of "
+                             "`cbo gradients`")
+        if t["A"].dim() != 2 or not torch.isfinite(t["A"]).all():
+            raise ValueError(f"{path}: 'A' must be a finite m × N matrix, got shape {tuple(t['A'].shape)}"
+                             + ("" if t["A"].dim() != 2 else " with non-finite entries"))
         meta = read_json(sidecar_path(path)) if sidecar_path(path).exists() else {}
         res = GradientResult.from_A(t["A"], H_exact=t.get("H_exact"), meta=meta)
         return res
     if path.suffix in (".pt", ".pth", ".bin"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        import pickle
+
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        except pickle.UnpicklingError:
+            raise ValueError(f"{path} holds Python objects beyond tensors, which cbo does not unpickle (loading them "
+                             "could run code); save the m × N tensor alone (torch.save(A, path)) or as safetensors") \
+                from None
+        except Exception as exc:  # noqa: BLE001 — torch raises RuntimeError, EOFError, IndexError, ... on bad bytes
+            raise ValueError(f"{path} is not a readable torch file ({_first_line(exc)[:100]}); it is empty, "
+                             "truncated or of another format") from None
         if isinstance(obj, dict):
             cands = [obj[k] for k in ("A", "grads", "gradients", "grad_matrix") if k in obj] or [
                 v for v in obj.values() if isinstance(v, torch.Tensor) and v.dim() == 2]
             if not cands:
                 raise ValueError(f"{path} holds a dict without a 2-D tensor (keys: {sorted(obj)})")
             obj = cands[0]
-        if not isinstance(obj, torch.Tensor):
-            raise ValueError(f"{path} holds a {type(obj).__name__}, expected an m × N tensor of gate gradients")
+        if not isinstance(obj, torch.Tensor) or obj.dim() != 2:
+            what = f"a {obj.dim()}-D tensor" if isinstance(obj, torch.Tensor) else f"a {type(obj).__name__}"
+            raise ValueError(f"{path} holds {what}; expected an m × N tensor of gate gradients (or, with kind "
+                             "'matrix' / --input-kind matrix, an N × N matrix)")
+        if not torch.isfinite(obj).all():
+            raise ValueError(f"{path} has non-finite entries (NaN or inf)")
+        m, n = obj.shape
+        if kind is None and m == n:
+            raise ValueError(f"{path} holds a square {m} × {n} tensor: m = N samples of gate gradients, or the matrix "
+                             "H itself? Say which (`cbo solve --input-kind gradients|matrix`, or kind=)")
+        if kind == "matrix":
+            if m != n:
+                raise ValueError(f"{path} holds a {m} × {n} tensor, not the N × N matrix that kind 'matrix' says")
+            H = obj.double()
+            if not torch.allclose(H, H.T, rtol=1e-6, atol=1e-12 * float(H.abs().max() or 1)):
+                raise ValueError(f"{path}: the matrix is not symmetric; give a symmetric N × N Hessian surrogate")
+            return GradientResult.from_matrix(H, meta={"source": str(path), "foreign": True, "input_kind": "matrix"})
         return GradientResult.from_A(obj.float().double(), meta={"source": str(path), "foreign": True})
     raise ValueError(f"unknown gradient file type {path.suffix!r}: use a folder, .safetensors or .pt")
 
@@ -209,7 +257,8 @@ def collect_gate_gradients(model, calibration: CalibrationSet | Sequence[dict], 
         ckpt.unlink()
     A = rows
     meta = {
-        "samples": m, "blocks": N, "removed_blocks": removed, "block_types": block_types(model), "tokens": int(sum(
+        "samples": m, "blocks": N, "removed_blocks": removed, "block_types": block_types(model),
+        "hybrid": bool(get_adapter(model).hybrid), "tokens": int(sum(
             s["input_ids"].numel() for s in samples)), "response_only": response_only, "batch_size": batch_size,
         "gradient_checkpointing": gradient_checkpointing, "model_dtype": str(next(model.parameters()).dtype),
         "gate_dtype": "float32", "accumulation_dtype": "float64", "device": str(dev), "processes": world,
@@ -313,16 +362,20 @@ def _load_partial(path: Path, key: str, rows, losses) -> int:
     """Fill ``rows``/``losses`` from a partial file of the same collection; return how many are done."""
     if not path.is_file():
         return 0
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("key") != key:
-            log.warning("ignoring %s: it belongs to another model, calibration set or option set", path)
-            return 0
-        done = int(meta["done"])
-        rows[:done] = f.get_tensor("rows")
-        losses[:done] = f.get_tensor("losses")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                log.warning("ignoring %s: it belongs to another model, calibration set or option set", path)
+                return 0
+            done = int(meta["done"])
+            rows[:done] = f.get_tensor("rows")
+            losses[:done] = f.get_tensor("losses")
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"the partial gradient file {path} (of an interrupted run) is corrupt ({str(exc)[:80]}); "
+                         f"delete it to start the collection over: rm '{path}'") from None
     log.info("resuming gate gradients from sample %d (%s)", done, path)
     return done
 
@@ -386,3 +439,8 @@ def _hessian_rows(model, samples, gates, H, dev, response_only, tqdm, progress):
 def gradients_provenance(model_spec: str, calibration: CalibrationSet, seed: int, **params) -> dict:
     return provenance("gate_gradients", {"model": model_spec, "seed": seed, **params},
                       calibration=calibration.describe())
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), for one-line error messages."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0]

@@ -156,6 +156,11 @@ def _rule(targets: Sequence[str], prereqs: Sequence[str], recipe: str) -> list[s
     return lines + [""]
 
 
+def stamp(notebook: str, profile: str) -> str:
+    """The file that records a finished run of a resumable stage (see :func:`make_graph`)."""
+    return f"results/{profile}/logs/{notebook}.done"
+
+
 def make_graph(profile) -> str:
     """A Makefile fragment with one rule per notebook run: file targets, every prerequisite declared."""
     cfg = _profile(profile)
@@ -171,13 +176,16 @@ def make_graph(profile) -> str:
                                         ("03_state_sampling", states, ising)):
             lines += _rule(targets, [*upstream, f"notebooks/{name}.ipynb", conf, _lib(name)],
                            f"$(NB) run {name} --profile {p} --model {m}")
-    lines += _rule(outs["04"], [*states_all, "notebooks/04_pruning_and_retraining.ipynb", conf,
-                                _lib("04_pruning_and_retraining")],
-                   f"$(NB) run 04_pruning_and_retraining --profile {p}")
+    # the resumable stages (their tables fill up row by row, and a rerun continues them) get a stamp as their first
+    # target, written only when the notebook finished: an interrupted run makes Make's .DELETE_ON_ERROR delete the
+    # stamp, never the tables, and the next `make reproduce` reruns the stage, which resumes
+    lines += _rule([stamp("04_pruning_and_retraining", p), *outs["04"]],
+                   [*states_all, "notebooks/04_pruning_and_retraining.ipynb", conf, _lib("04_pruning_and_retraining")],
+                   f"$(NB) run 04_pruning_and_retraining --profile {p} && touch $@")
     if outs["05"]:
-        lines += _rule(outs["05"], ["notebooks/05_moe_nemotron.ipynb", conf,
-                                    _lib("05_moe_nemotron")],
-                       f"$(NB) run 05_moe_nemotron --profile {p}")
+        lines += _rule([stamp("05_moe_nemotron", p), *outs["05"]], ["notebooks/05_moe_nemotron.ipynb", conf,
+                                                                     _lib("05_moe_nemotron")],
+                       f"$(NB) run 05_moe_nemotron --profile {p} && touch $@")
     lines += _rule(outs["06"], [*outs["04"], *outs["05"], "notebooks/06_report.ipynb",
                                 _lib("06_report")], f"$(NB) run 06_report --profile {p}")
     lines += [f"REPRODUCE_TARGETS := {' '.join(outs['06'])}",

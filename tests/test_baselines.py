@@ -337,3 +337,16 @@ def test_every_path_method_of_the_comparison_contains_its_smaller_answers(name):
     for M in (1, 2, 4):
         direct, pre = run_method(name, model, calib, M), greedy_prefix(path, M)
         assert pre.removed == direct.removed and pre.order == direct.order and pre.relative == direct.relative
+
+
+def test_progress_bars_of_the_long_baselines_change_nothing(llama, capsys):
+    from cbo_utils.select.baselines import one_shot_perplexity, sleb
+
+    model, tok, calib = llama
+    quiet = sleb(model, calib, 2, progress=False)
+    capsys.readouterr()
+    loud = sleb(model, calib, 2, progress=True)
+    assert loud.removed == quiet.removed and loud.meta["step_nll"] == quiet.meta["step_nll"]
+    assert "SLEB (M = 2)" in capsys.readouterr().err
+    assert one_shot_perplexity(model, calib, 2, progress=True).removed == one_shot_perplexity(model, calib, 2).removed
+    assert "one-shot perplexity" in capsys.readouterr().err

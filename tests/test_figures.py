@@ -326,3 +326,21 @@ def test_mini_results_rho_matches_correlations_csv(tmp_path):
                                   correlations=ROOT / "results/mini/correlations.csv")
     rho = d.data["rho"]
     assert len(rho) and np.allclose(rho["rho"], rho["rho_file"], atol=1e-9)
+
+
+def test_figures_json_ignores_timings_in_sidecars(tmp_path):
+    from cbo_utils.report.figures import input_digest
+
+    a, b, c = tmp_path / "a.csv.json", tmp_path / "b.csv.json", tmp_path / "c.csv.json"
+    rec = {"kind": "states", "parameters": {"M": 4}, "solver_info": {"N": 30, "seconds": 1.5}, "created": "2026-01-01",
+           "host": {"platform": "x"}, "seconds": 2.0}
+    write = __import__("json").dumps
+    a.write_text(write(rec))
+    b.write_text(write({**rec, "created": "2027-02-02", "seconds": 9.0, "solver_info": {"N": 30, "seconds": 7.0}}))
+    c.write_text(write({**rec, "solver_info": {"N": 31, "seconds": 1.5}}))   # what a figure reads changed
+    assert input_digest(a) == input_digest(b) != input_digest(c)
+    d = tmp_path / "t.csv"
+    d.write_text("x\n1\n")
+    e = tmp_path / "u.csv"
+    e.write_text("x\n2\n")
+    assert input_digest(d) != input_digest(e)

@@ -80,16 +80,56 @@ def check_output(out: PathLike, overwrite: bool = False) -> Path:
     return out
 
 
+def check_writable(out: PathLike, kind: str = "file") -> Path:
+    """Refuse, before any work, an output that cannot be written: ``kind="file"``: ``out`` must not be a folder;
+    ``kind="folder"``: ``out`` must not be a file; and the nearest existing parent must be a writable folder.
+    Raises ``OSError`` naming ``out`` and what to do."""
+    out = Path(out)
+    if kind == "file" and out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; this command writes a file there — give a file name, "
+                                f"e.g. {out / 'out.csv'}")
+    if kind == "folder" and out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; this command writes a folder — give a folder name")
+    parent = out if kind == "folder" and out.is_dir() else out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"--out {out}: {parent} is a file, so nothing can be created below it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: {parent} is not writable for you; choose another --out")
+    return out
+
+
+#: the marker inside a temporary folder of :func:`atomic_folder` (a killed run's leftover is recognised by it)
+PARTIAL_MARKER = ".cbo-partial"
+
+
+def clean_partial_folders(out_dir: PathLike) -> list[Path]:
+    """Remove the temporary siblings ``.<name>.*`` of ``out_dir`` that :func:`atomic_folder` made and a killed run
+    left (only those holding :data:`PARTIAL_MARKER`, so nothing else is touched); returns what was removed."""
+    out_dir = Path(out_dir)
+    gone = []
+    if out_dir.parent.is_dir():
+        for p in out_dir.parent.glob(f".{out_dir.name}.*"):
+            if p.is_dir() and (p / PARTIAL_MARKER).is_file():
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p)
+    return gone
+
+
 @contextlib.contextmanager
 def atomic_folder(out_dir: PathLike):
     """Write a folder atomically: yields a temporary sibling folder (mode 0755, not mkdtemp's 0700); on success it
     replaces ``out_dir``, on any error it is deleted — an interrupted write never leaves half a folder behind."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    clean_partial_folders(out_dir)   # what a killed earlier run left
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     os.chmod(tmp, 0o755)
+    (tmp / PARTIAL_MARKER).touch()
     try:
         yield tmp
+        (tmp / PARTIAL_MARKER).unlink()
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

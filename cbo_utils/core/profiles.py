@@ -40,10 +40,19 @@ def load_profile(name_or_path: str, _depth: int = 0) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"no profile {name_or_path!r} ({p}); choose one of {', '.join(profile_names())} "
                                 "or give the path of a YAML file")
-    cfg = yaml.safe_load(p.read_text())
+    try:
+        cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        raise ValueError(f"the profile {p} is not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"the profile {p} is not UTF-8 text (a binary file?)") from None
     if not isinstance(cfg, dict):
-        raise ValueError(f"the profile {p} must be a YAML mapping of settings, got {type(cfg).__name__}")
+        raise ValueError(f"the profile {p} must be a YAML mapping of settings (key: value lines), got "
+                         f"{'an empty file' if cfg is None else 'a ' + type(cfg).__name__}")
     check_keys(f"profile ({p.name})", cfg, PROFILE_KEYS)
+    check_types(f"profile ({p.name})", cfg, PROFILE_TYPES)
     base = cfg.pop("extends", None)
     if base is not None:
         if _depth >= 4:
@@ -51,6 +60,88 @@ def load_profile(name_or_path: str, _depth: int = 0) -> dict:
                              "profile that does not extend another")
         cfg = merge_settings(load_profile(str(base), _depth=_depth + 1), cfg)
     return cfg
+
+
+#: the type of each top-level profile setting (see :func:`check_types`)
+PROFILE_TYPES = {"profile": "str", "extends": "str", "models": "list[str]", "dtype": "str", "calibration": "str",
+                 "samples": "posint", "max_tokens": "posint|none", "exact_hessian_samples": "nonnegint",
+                 "M_values": "M", "k": "posint", "solver": "str", "bound": "bool", "energy": "str", "seed": "int",
+                 "device_map": "str|none", "compare": "dict", "retrain": "dict", "hybrid": "dict"}
+
+
+def _type_ok(v, spec: str) -> bool:
+    if "|" in spec:
+        return any(_type_ok(v, s) for s in spec.split("|"))
+    is_int = isinstance(v, int) and not isinstance(v, bool)
+    if spec == "none":
+        return v is None
+    if spec == "int":
+        return is_int
+    if spec == "posint":
+        return is_int and v > 0
+    if spec == "nonnegint":
+        return is_int and v >= 0
+    if spec == "number":
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+    if spec == "posnumber":
+        return _type_ok(v, "number") and v > 0
+    if spec == "str":
+        return isinstance(v, str)
+    if spec == "bool":
+        return isinstance(v, bool)
+    if spec == "dict":
+        return isinstance(v, dict)
+    if spec == "list":
+        return isinstance(v, list)
+    if spec.startswith("list[") and spec.endswith("]"):
+        return isinstance(v, list) and all(_type_ok(x, spec[5:-1]) for x in v)
+    if spec == "M":   # a list of positive ints, or a mapping model -> such a list
+        return _type_ok(v, "list[posint]") or (isinstance(v, dict) and all(_type_ok(x, "list[posint]")
+                                                                            for x in v.values()))
+    raise AssertionError(f"unknown type spec {spec!r}")
+
+
+_TYPE_WORDS = {"posint": "a whole number above 0", "nonnegint": "a whole number, 0 or more", "int": "a whole number",
+               "number": "a finite number", "posnumber": "a finite number above 0", "str": "a string",
+               "bool": "true or false", "dict": "a mapping (key: value lines)", "list": "a list",
+               "none": "null", "M": "a list of block counts like [4, 8] (or a mapping model → such a list)"}
+
+
+def _describe(spec: str) -> str:
+    if "|" in spec:
+        return " or ".join(_describe(s) for s in spec.split("|"))
+    if spec.startswith("list["):
+        return f"a list of {_describe(spec[5:-1]).removeprefix('a ')}s".replace("numbers above 0s", "numbers above 0")
+    return _TYPE_WORDS.get(spec, spec)
+
+
+def check_types(section: str, given: Mapping, types: Mapping[str, str]) -> None:
+    """Refuse settings of the wrong type (``M_values: two``, ``samples: -3``, ``bound: maybe``), naming the key, the
+    value and what it must be (one rule for every section)."""
+    for k, spec in types.items():
+        if k in given and not _type_ok(given[k], spec):
+            raise ValueError(f"{section}: {k} = {given[k]!r} must be {_describe(spec)}")
+
+
+def check_like(section: str, given: Mapping, defaults: Mapping) -> None:
+    """Refuse settings whose type differs from their default's (an int where the default is an int, a number where it
+    is a float, true/false, a string, a list, a mapping — checked inside nested mappings too) and negative or
+    non-finite numbers (every numeric setting of these sections is a count, a rate or a size). Settings whose
+    default is ``None`` are not typed."""
+    kinds = ((bool, "bool"), (int, "int"), (float, "number"), (str, "str"), (list, "list"), (dict, "dict"))
+    for k, v in given.items():
+        d = defaults.get(k)
+        if d is None or v is None and isinstance(d, (list, dict)):
+            continue
+        spec = next(name for t, name in kinds if isinstance(d, t))
+        if spec == "int" and isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if not _type_ok(v, spec) and not (spec == "number" and _type_ok(v, "int")):
+            raise ValueError(f"{section}: {k} = {v!r} must be {_describe(spec)} (like its default, {d!r})")
+        if spec in ("int", "number") and not (_type_ok(v, "number") and v >= 0):
+            raise ValueError(f"{section}: {k} = {v!r} must be a finite number, 0 or more")
+        if spec == "dict":
+            check_like(f"{section}.{k}", v, d)
 
 
 def merge_settings(base: Mapping, over: Mapping) -> dict:

@@ -39,7 +39,7 @@ import torch
 
 from cbo_utils.calibration import EVAL_TEXTS, embedded, heldout_text, load_calibration
 from cbo_utils.core.artifacts import atomic_write_text, format_blocks, parse_blocks, read_json, write_json
-from cbo_utils.core.profiles import check_keys, m_values, profile_with, results_dir, slug
+from cbo_utils.core.profiles import check_keys, check_types, m_values, profile_with, results_dir, slug
 from cbo_utils.core.tables import add_evaluations, add_selections, key_text, markdown_table, upsert_rows
 from cbo_utils.evaluate.efficiency import measure_checkpoint
 from cbo_utils.evaluate.lmeval import ZERO_SHOT_METRIC, evaluate_tasks, zero_shot_mean
@@ -88,10 +88,25 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+#: the type of each ``compare:`` setting (:func:`cbo_utils.core.profiles.check_types`)
+TYPES = {"samples": "posint", "max_tokens": "posint|none", "rerank_samples": "posint", "batch_size": "posint",
+         "ppl_windows": "posint", "ppl_seq_len": "posint", "ppl_texts": "list[str]", "bootstrap": "posint",
+         "tasks": "list[str]", "limit": "posint|none", "task_source": "str", "baselines": "list[str]",
+         "random_seeds": "list[int]", "variants": "list[str]", "default": "str", "exact_hessian_samples": "nonnegint",
+         "points_per_sample": "posint", "spearman": "dict", "zero_shot_methods": "str|list[str]",
+         "dev_windows": "posint", "finalist_baselines": "nonnegint", "threads": "posint|none",
+         "models": "list[str]|none", "M_values": "list[posint]|none"}
+
+
 def compare_settings(cfg: dict) -> dict:
-    """The profile's ``compare:`` section over :data:`DEFAULTS`, validated (unknown keys are errors)."""
-    given = dict(cfg.get("compare") or {})
+    """The profile's ``compare:`` section over :data:`DEFAULTS`, validated (unknown keys and wrong types are
+    errors)."""
+    given = cfg.get("compare") or {}
+    if not isinstance(given, dict):
+        raise ValueError(f"compare: must be a mapping of settings, got {given!r}")
+    given = dict(given)
     check_keys("compare", given, DEFAULTS)
+    check_types("compare", given, TYPES)
     s = {**DEFAULTS, **given}
     check_keys("compare.spearman", s.get("spearman") or {}, DEFAULTS["spearman"])
     s["spearman"] = {**DEFAULTS["spearman"], **(s.get("spearman") or {})}
@@ -135,12 +150,19 @@ def _select_baseline(model, calib, name: str, M: int, s: dict, seed: int | None 
                                  default=str)}
 
 
+#: the comparison's stages, in the order they run
+STAGES = ("select", "develop", "evaluate", "correlate", "efficiency", "report")
+
+
 def run_compare(profile: str, results: Path | None = None, models: Sequence[str] | None = None,
                 M_values: Sequence[int] | None = None, stages: Sequence[str] = ("select", "develop", "evaluate",
                                                                                   "correlate", "efficiency", "report"),
                 progress: bool = True, compare: dict | None = None) -> Path:
     """Run the comparison for ``profile`` into ``results/<profile>/``; returns the report path. ``compare``: the
     profile's ``compare:`` section to use instead of the file's (the notebooks pass their parameter)."""
+    unknown = [st for st in stages if st not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; choose from {' '.join(STAGES)}")
     cfg = profile_with(profile, "compare", compare)
     s = compare_settings(cfg)
     if s["threads"]:

@@ -17,6 +17,7 @@ did not write is ever touched):
 
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,8 @@ def compress(model: str, M: int, out, *, method: str = "cbo", calibration: str =
     if "select" not in steps:
         calib = load_calibration(calibration, tok, samples=samples, max_tokens=max_tokens)
         kw: dict[str, Any] = {"seed": seed} if name == "random" else {}
+        if name not in CBO_VARIANTS and "progress" in inspect.signature(METHODS[name]).parameters:
+            kw["progress"] = progress   # SLEB, one-shot perplexity: bars over their candidate evaluations
         if name in CBO_VARIANTS:   # the variants that re-rank hold out the last quarter of the windows
             kw = {"cache_dir": out / "cache", "seed": seed, "rerank_samples": max(1, samples // 4),
                   "progress": progress}

@@ -50,7 +50,7 @@ from cbo_utils.core.artifacts import (
     sidecar_path,
     write_sidecar,
 )
-from cbo_utils.core.profiles import check_keys, profile_with, results_dir
+from cbo_utils.core.profiles import check_keys, check_like, profile_with, results_dir
 from cbo_utils.core.tables import markdown_table, read_table, upsert_rows
 from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
 from cbo_utils.evaluate.reasoning import evaluate_reasoning
@@ -610,6 +610,7 @@ def hybrid_settings(profile_cfg: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(section, Mapping):
         raise ValueError(f"the profile's hybrid: section must be a mapping, got {type(section).__name__}")
     check_keys("hybrid", section, HYBRID_DEFAULTS)
+    check_like("hybrid", section, base)
     s = {**base, **section}
     if s["seed"] is None:
         s["seed"] = int(cfg.get("seed", 0))

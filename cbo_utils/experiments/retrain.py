@@ -27,7 +27,7 @@ import pandas as pd
 
 from cbo_utils.calibration import EVAL_TEXTS
 from cbo_utils.core.artifacts import atomic_write_text, format_blocks, parse_blocks
-from cbo_utils.core.profiles import check_keys, m_values, profile_with, results_dir, slug
+from cbo_utils.core.profiles import check_keys, check_like, m_values, profile_with, results_dir, slug
 from cbo_utils.core.tables import markdown_table, upsert_rows
 from cbo_utils.evaluate.lmeval import zero_shot_mean
 from cbo_utils.evaluate.measure import done_rows, evaluation_model, measure_selection, missing_measurements
@@ -54,8 +54,12 @@ RETRAIN_KEY = ["model", "method", "M"]
 
 def retrain_settings(cfg: dict) -> dict:
     """The profile's ``retrain:`` section over :data:`DEFAULTS`, validated (unknown keys are errors)."""
-    r = dict(cfg.get("retrain") or {})
+    r = cfg.get("retrain") or {}
+    if not isinstance(r, dict):
+        raise ValueError(f"the profile's retrain: section must be a mapping, got {r!r}")
+    r = dict(r)
     check_keys("retrain", r, DEFAULTS)
+    check_like("retrain", r, DEFAULTS)
     s = {**DEFAULTS, **r}
     data = dict(s["data"] or {})
     check_keys("retrain.data", data, DEFAULTS["data"])

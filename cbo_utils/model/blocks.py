@@ -28,6 +28,8 @@ from torch import nn
 
 # Block-type vocabulary used everywhere in the package (restrictions, plots, tables).
 DECODER, ATTENTION, MAMBA, MOE, MLP = "decoder", "attention", "mamba", "moe", "mlp"
+#: the block types the package knows (what --only-types and budgets accept)
+BLOCK_TYPES = (DECODER, ATTENTION, MAMBA, MOE, MLP)
 #: the one block-type vocabulary of hybrid models: native NemotronH layer types, remote-code names, pattern letters
 NEMOTRON_NATIVE_TYPES = {"linear_attention": MAMBA, "moe": MOE, "full_attention": ATTENTION, "mlp": MLP}
 NATIVE_NAME = {v: k for k, v in NEMOTRON_NATIVE_TYPES.items()}
@@ -527,7 +529,8 @@ def check_indices(remove: Iterable[int], n: int, types: Sequence[str], hybrid: b
     att = [i for i, t in enumerate(types) if t == ATTENTION]
     if hybrid and att and not set(att) - set(remove):
         raise RemovalError(f"this removal takes out every attention block {att} of a hybrid model; at least one "
-                           "must remain (cached generation needs it). Keep one of them, e.g. with --keep.")
+                           "must remain (cached generation needs it). Keep one of them (`cbo solve` returns only such "
+                           "states; with `cbo prune --remove`, leave one out of the list)")
     return sorted(remove)
 
 

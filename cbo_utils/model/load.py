@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -105,8 +106,24 @@ def load_model(spec: str, dtype="float32", device_map=None, trust_remote_code: b
     if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(f"model {spec!r} is neither a local folder nor reachable (HF_HUB_OFFLINE=1); give a "
                                 "local path, a tiny model name (tiny-llama, tiny-qwen3, tiny-nemotron-h) or smollm2")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), device_map=device_map,
-                                                 trust_remote_code=trust_remote_code, **kw)
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{spec} is a folder without config.json, so not a model folder (what "
+                                "save_pretrained writes: config.json and the weights); give the model's folder")
+    if folder.is_file():
+        raise ValueError(f"{spec} is a file; give a model folder (config.json + weights), a .gguf file, a Hub id, "
+                         "smollm2 or a tiny model name")
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), device_map=device_map,
+                                                     trust_remote_code=trust_remote_code, **kw)
+    except SafetensorError as exc:
+        raise ValueError(f"{spec}: a weight file cannot be read ({str(exc)[:100]}); it is truncated or corrupt — "
+                         "copy or download the model again") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{spec}: config.json is not valid JSON ({exc}); restore it from the model's source") \
+            from None
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model.eval(), tok
 
@@ -125,6 +142,11 @@ def check_reachable(model: str) -> None:
 
         AutoConfig.from_pretrained(model)
     except Exception as exc:  # noqa: BLE001 - any failure here means the same thing to the user
-        sys.exit(f"cannot reach {model!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}\n"
+        sys.exit(f"cannot reach {model!r}: {type(exc).__name__}: {_first_line(exc)[:200]}\n"
                  "The paper profile needs the Hugging Face Hub (and accepted licences for Llama) and GPUs. Log in "
                  "with `huggingface-cli login`, or run PROFILE=mini (CPU, embedded SmolLM2) instead.")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), for one-line error messages."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0]

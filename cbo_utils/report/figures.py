@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import functools
 import io
+import json
 import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -877,13 +878,41 @@ def draw_all(results_dir: Any, figures_dir: Any, profile: str | None = None) -> 
                 skipped.append({"figure": spec.paper_item, "reason": "; ".join(d.notes) or "nothing to draw"})
                 continue
             made[d.path.name] = {"paper_item": spec.paper_item, "notes": d.notes,
-                                 "inputs": {str(p.relative_to(results)): file_sha256(p) for p in job.inputs
+                                 "inputs": {str(p.relative_to(results)): input_digest(p) for p in job.inputs
                                             if p.is_file()}}
     for s in skipped:
         print(f"[figures] skipped {s['figure']}: {s['reason']}")
     write_json(out / "figures.json", {"results": str(results), "profile": profile, "figures": made,
                                       "skipped": skipped})
     return sorted(out / n for n in made)
+
+
+#: words of provenance keys that change on every run without changing what a figure shows (timings, hosts, dates)
+VOLATILE = ("second", "created", "host", "command", "git_revision", "versions", "rss", "time", "cpus")
+
+
+def _stable(x):
+    if isinstance(x, dict):
+        return {k: _stable(v) for k, v in sorted(x.items()) if not any(w in str(k).lower() for w in VOLATILE)}
+    if isinstance(x, list):
+        return [_stable(v) for v in x]
+    return x
+
+
+def input_digest(path: Path) -> str:
+    """The SHA-256 of what a figure reads from ``path``: the bytes of a data file; for a JSON sidecar, its content
+    without the fields that change on every run (timings, dates, host, command, versions — :data:`VOLATILE`), so the
+    same inputs give the same ``figures.json``."""
+    path = Path(path)
+    if path.suffix == ".json":
+        import hashlib
+
+        try:
+            rec = read_json(path)
+        except ValueError:
+            return file_sha256(path)
+        return hashlib.sha256(json.dumps(_stable(rec), sort_keys=True, default=str).encode()).hexdigest()
+    return file_sha256(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -898,7 +927,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["DPI", "FIGURES", "SOURCES", "Drawn", "FigureInputs", "FigureSpec", "Job", "Skip", "paper_items",
-           "register_figure", "block_types_from_sidecar", "draw_all",
+           "register_figure", "block_types_from_sidecar", "draw_all", "input_digest",
            "draw_energy_vs_perplexity", "draw_energy_vs_score", "draw_energy_vs_zero_shot", "draw_hybrid_retention",
            "draw_method", "draw_states_map", "main"]
 

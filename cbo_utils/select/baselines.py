@@ -234,7 +234,7 @@ def tail(model, calibration=None, M: int = 1) -> Selection:
 
 
 def one_shot_perplexity(model, calibration, M: int, batch_size: int = 1, response_only: bool = False,
-                        prefix_cache: bool = True) -> Selection:
+                        prefix_cache: bool = True, progress: bool = False) -> Selection:
     """Shortened LLaMA's "PPL" criterion: I_i = calibration perplexity with only block i removed (gated); remove the
     M lowest. Scores are perplexities. Uses the dense model's prefix cache (see :func:`sleb`)."""
 
@@ -244,7 +244,10 @@ def one_shot_perplexity(model, calibration, M: int, batch_size: int = 1, respons
         batches = make_batches(model, calibration, batch_size, response_only)
         with RemovalLoss(model, batches, prefix_cache) as ev:
             ev.set_removed([])
-            ppl = [math.exp(ev.nll(i)) if _feasible(model, [i]) else math.inf for i in range(N)]
+            from tqdm.auto import tqdm
+
+            ppl = [math.exp(ev.nll(i)) if _feasible(model, [i]) else math.inf
+                   for i in tqdm(range(N), desc="one-shot perplexity", unit="block", disable=not progress)]
             status, calls = ev.cache_status, ev.block_calls
         removed = _pick_lowest(model, ppl, M, range(N))
         return Selection("one_shot_perplexity", M, removed, order=sorted(removed, key=lambda i: (ppl[i], i)),
@@ -257,7 +260,7 @@ def one_shot_perplexity(model, calibration, M: int, batch_size: int = 1, respons
 
 
 def sleb(model, calibration, M: int, batch_size: int = 1, response_only: bool = False, prefix_cache: bool = True,
-         exclude: Iterable[int] | None = None) -> Selection:
+         exclude: Iterable[int] | None = None, progress: bool = False) -> Selection:
     """SLEB (Song et al. 2024): for t = 1..M remove the block whose removal, given those already removed, gives the
     lowest calibration NLL. The first and last blocks are never removed (``exclude`` adds more).
 
@@ -269,13 +272,18 @@ def sleb(model, calibration, M: int, batch_size: int = 1, response_only: bool = 
     chooses. The cache holds N hidden states per calibration token (N·tokens·hidden·bytes: 0.28 GB for SmolLM2 with
     16 × 256 tokens, tens of GB for an 8B model with 2,048 long conversations: then use ``prefix_cache=False``).
     ``scores`` = first-step NLL per candidate; ``meta["step_nll"]`` = the NLL after each removal;
-    ``meta["block_calls"]`` = block forward passes spent (a full forward counts N).
+    ``meta["block_calls"]`` = block forward passes spent (a full forward counts N). ``progress``: a bar over the
+    candidate evaluations of all M steps.
     """
+    from tqdm.auto import tqdm
 
     def run():
         _, _, N = model_layers(model)
         check_M(N, M)
         banned = {0, N - 1} | set(exclude or ())
+        n_free = N - len(banned & set(range(N)))
+        bar = tqdm(total=sum(max(n_free - t, 0) for t in range(M)), desc=f"SLEB (M = {M})", unit="candidate",
+                   disable=not progress)
         batches = make_batches(model, calibration, batch_size, response_only)
         removed: list[int] = []
         step_nll: list[float] = []
@@ -290,7 +298,10 @@ def sleb(model, calibration, M: int, batch_size: int = 1, response_only: bool = 
                 if not cands:
                     raise ValueError(f"SLEB has no candidate block left at step {step + 1} (first/last block and "
                                      "the last attention block of a hybrid are never removed)")
-                nll = {i: ev.nll(i) for i in cands}
+                nll = {}
+                for i in cands:
+                    nll[i] = ev.nll(i)
+                    bar.update(1)
                 if step == 0:
                     for i, v in nll.items():
                         first[i] = v
@@ -302,6 +313,7 @@ def sleb(model, calibration, M: int, batch_size: int = 1, response_only: bool = 
                 if step < M - 1:
                     ev.set_removed(removed)
             status, calls = ev.cache_status, ev.block_calls
+        bar.close()
         return Selection("sleb", M, removed, order=list(removed), scores=first,
                          calibration=describe_calibration(calibration),
                          meta=selection_meta(model, batch_size=batch_size, response_only=response_only,

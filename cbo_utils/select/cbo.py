@@ -346,19 +346,20 @@ def select_cbo_variant(model, calib, heldout, fit, out: Path, v: CBOVariant, M: 
         states = cbo_states(grads, M, k=k, energy=v.energy, hessian=v.hessian, protect_ends=v.protect_ends,
                             seed=seed, solver="auto")   # tabu beyond EXACT_LIMIT, e.g. M ≥ 16 of Llama-70B's 80 blocks
     solve_s = time.perf_counter() - t1
-    best, energy, rerank_s, detail = _pick(model, states, heldout, v)
+    best, energy, rerank_s, detail = _pick(model, states, heldout, v, bool(s.get("progress", False)))
     return Selection(v.name, M, best, seconds=grad_s + solve_s + rerank_s, calibration=data.describe(),
                      energy=energy, states=states,
                      meta={"gradient_seconds": grad_s, "solve_seconds": solve_s, "rerank_seconds": rerank_s,
                            "detail": detail, "gradients_file": gfile})
 
 
-def _pick(model, states: pd.DataFrame, heldout, v: CBOVariant) -> tuple[list[int], float, float, str]:
+def _pick(model, states: pd.DataFrame, heldout, v: CBOVariant, progress: bool = False
+          ) -> tuple[list[int], float, float, str]:
     """The variant's rule on its states table: the ground state, or (``rerank``) the best of the K lowest on the
     held-out windows. Returns (removed blocks, energy, re-ranking seconds, detail)."""
     if not v.rerank:
         return parse_blocks(states.iloc[0]["removed_blocks"]), float(states.iloc[0]["energy"]), 0.0, ""
-    rr = rerank_states(model, states, heldout, K=v.rerank, objective=v.objective, progress=False)
+    rr = rerank_states(model, states, heldout, K=v.rerank, objective=v.objective, progress=progress)
     row = rr.table[rr.table["removed_blocks"] == format_blocks(rr.best)].iloc[0]
     return rr.best, float(row["energy"]), rr.seconds, f"picked energy rank {int(row['rank'])} of {v.rerank}"
 
@@ -390,7 +391,7 @@ def _select_pairs(model, data, heldout, out: Path, v: CBOVariant, M: int, s: dic
         best, energy, rerank_s = r["best"], r["best_divergence"], time.perf_counter() - t2
         detail = json.dumps({"measured": len(r["measured"]), "moves": r["moves"]})
     else:
-        best, energy, rerank_s, detail = _pick(model, states, heldout, v)
+        best, energy, rerank_s, detail = _pick(model, states, heldout, v, bool(s.get("progress", False)))
     return Selection(v.name, M, best, seconds=measure_s + solve_s + rerank_s, calibration=data.describe(),
                      energy=energy, states=states,
                      meta={"gradient_seconds": measure_s, "solve_seconds": solve_s, "rerank_seconds": rerank_s,

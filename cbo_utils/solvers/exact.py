@@ -466,18 +466,29 @@ def _save_enum_checkpoint(path: Path, key: str, top: TopK, chunks_done: int, see
                                             "seen": str(seen), "truncated": str(bool(top.truncated))}))
 
 
+class _OtherProblem(Exception):
+    pass
+
+
 def _load_enum_checkpoint(path: Path, key: str, top: TopK, mw: int) -> tuple[int, int]:
     """Restore the candidates of an interrupted enumeration; returns (finished chunks, states seen)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         return 0, 0
-    with safe_open(str(path), framework="numpy") as fh:
-        meta = fh.metadata() or {}
-        if meta.get("format") != _ENUM_FORMAT or meta.get("key") != key:
-            raise ValueError(f"the checkpoint {path} belongs to another problem, k or chunk size; delete it or pass "
-                             "another checkpoint path")
-        vals, sets = fh.get_tensor("vals"), fh.get_tensor("sets").reshape(-1, mw)
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != _ENUM_FORMAT or meta.get("key") != key:
+                raise _OtherProblem
+            vals, sets = fh.get_tensor("vals"), fh.get_tensor("sets").reshape(-1, mw)
+            int(meta["chunks_done"]), int(meta["seen"])
+    except _OtherProblem:
+        raise ValueError(f"the checkpoint {path} belongs to another problem, k or chunk size; delete it or pass "
+                         "another checkpoint path") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ValueError(f"the enumeration checkpoint {path} is corrupt ({str(exc)[:80]}); delete it to start the "
+                         f"enumeration over: rm '{path}'") from None
     if vals.size:
         top.add(vals, sets)
         top.prune()

@@ -109,11 +109,22 @@ def read_states_csv(path) -> pd.DataFrame:
     """Read a table written by :func:`write_states_csv` (``removed_blocks`` stays a string). If the sidecar exists
     its ``solver_info`` is put back into ``df.attrs``."""
     path = Path(path)
-    df = pd.read_csv(path, dtype={"removed_blocks": str, "solver": str}, keep_default_na=False,
-                     na_values={"seed": [""]})
+    if not path.is_file():
+        raise FileNotFoundError(f"no states table at {path}; write one with `cbo solve ... --out {path}`")
+    try:
+        df = pd.read_csv(path, dtype={"removed_blocks": str, "solver": str}, keep_default_na=False,
+                         na_values={"seed": [""]})
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty, not a states table from `cbo solve`; rerun `cbo solve` to write it") \
+            from None
+    except (UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise ValueError(f"{path} is not a states table from `cbo solve` (it cannot be read as CSV: "
+                         f"{(str(exc).splitlines() or [type(exc).__name__])[0][:120]})") from None
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{path} is not a solver table: columns {missing} are missing")
+    if df.empty:
+        raise ValueError(f"{path} holds no states (only its header); rerun `cbo solve` to write them")
     df["rank"] = df["rank"].astype(np.int64)
     df["energy"] = df["energy"].astype(np.float64)
     df["seed"] = pd.array(df["seed"], dtype="Int64")
