@@ -441,7 +441,14 @@ def cmd_verify(args) -> int:
     n = rec.get("num_blocks_original")
     from cbo_utils.model.blocks import model_layers
 
-    have = len(model_layers(original)[1])
+    adapter, _, have = model_layers(original)
+    from cbo_utils.model.blocks import RemovalError, block_types, check_indices
+
+    try:
+        check_indices(rec.get("removed_blocks", []), have, block_types(original), adapter.hybrid,
+                      what=f"--original {args.original}")
+    except RemovalError as exc:
+        raise CLIError(f"{args.folder}/removed_blocks.json does not fit --original {args.original}: {exc}") from None
     if n is not None and int(n) != have:
         raise CLIError(f"{args.folder} was pruned from a model of {n} blocks, but --original {args.original} has "
                        f"{have}; give the model it was pruned from (its record names {rec.get('source_model')!r})")

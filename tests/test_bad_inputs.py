@@ -66,6 +66,10 @@ def bad(tmp_path_factory):
     shutil.copytree(d / "pruned", d / "truncated")
     st = d / "truncated" / "model.safetensors"
     st.write_bytes(st.read_bytes()[:1000])
+    shutil.copytree(d / "pruned", d / "badindex")
+    rec = __import__("json").loads((d / "badindex" / "removed_blocks.json").read_text())
+    rec["removed_blocks"] = [1, 99]
+    (d / "badindex" / "removed_blocks.json").write_text(__import__("json").dumps(rec))
     (d / "afile").write_text("a user's file\n")
     (d / "adir").mkdir()
     (d / "userdir").mkdir()
@@ -132,6 +136,7 @@ CASES = [
     ("prune-out-exists", ["prune", *T, "--remove", "2", "--out", "pruned"], "pruned"),
     ("prune-files-cwd", ["prune-files", "pruned", "--remove", "1", "--out", ".", "--overwrite"], "current directory"),
     ("verify-truncated", ["verify", "truncated", "--original", "tiny-llama"], "truncated"),
+    ("verify-bad-index", ["verify", "badindex", "--original", "tiny-llama"], "badindex"),
     ("verify-not-ours", ["verify", "noconfig", "--original", "tiny-llama"], "noconfig"),
     ("verify-other-model", ["verify", "pruned", "--original", "tiny-qwen3"], "tiny-qwen3"),
     ("compare-yaml-syntax", ["compare", "--profile", "badsyntax.yaml"], "line"),
