@@ -188,8 +188,10 @@ def make_graph(profile) -> str:
                        f"$(NB) run 05_moe_nemotron --profile {p} && touch $@")
     lines += _rule(outs["06"], [*outs["04"], *outs["05"], "notebooks/06_report.ipynb",
                                 _lib("06_report")], f"$(NB) run 06_report --profile {p}")
+    stamps = [stamp("04_pruning_and_retraining", p)] + ([stamp("05_moe_nemotron", p)] if outs["05"] else [])
     lines += [f"REPRODUCE_TARGETS := {' '.join(outs['06'])}",
-              f"STAGE_TARGETS := {' '.join(t for v in outs.values() for t in v)}", ""]
+              f"STAGE_TARGETS := {' '.join(t for v in outs.values() for t in v)}",
+              f"STAMPS := {' '.join(stamps)}", ""]
     return "\n".join(lines)
 
 

@@ -114,6 +114,10 @@ def test_make_graph_declares_every_prerequisite():
         assert need in rule
     assert "results/mini/smollm2/states_M8.csv results/mini/smollm2/states_M15.csv" in text   # made alongside
     assert "REPRODUCE_TARGETS := figures/mini/figures.json" in text
+    # a resumable stage's first target is its stamp (an interrupt deletes the stamp, never the tables)
+    rule04 = [ln for ln in text.splitlines() if ln.startswith("results/mini/logs/04_pruning_and_retraining.done:")]
+    assert rule04 and "results/mini/selections.csv results/mini/evaluations.csv" in text
+    assert "STAMPS := results/mini/logs/04_pruning_and_retraining.done results/mini/logs/05_moe_nemotron.done" in text
 
 
 @pytest.mark.slow
@@ -128,7 +132,7 @@ def test_touching_the_solver_reruns_only_the_stages_downstream_of_it(tmp_path):
     graph = repo / "graph.mk"
     graph.write_text(make_graph("tiny").replace("$(STAMP)", ""))
     (repo / "stamp.mk").write_text("NB := echo RUN\n")
-    files = [t for ln in graph.read_text().splitlines() if ln.startswith("STAGE_TARGETS := ")
+    files = [t for ln in graph.read_text().splitlines() if ln.startswith(("STAGE_TARGETS := ", "STAMPS := "))
              for t in ln.split(":= ")[1].split()]
     import os
     import time
