@@ -192,8 +192,11 @@ def test_an_internal_error_is_named_a_bug_without_a_traceback(monkeypatch, capsy
 
 
 def test_ctrl_c_exits_130_and_says_where_to_resume(tmp_path):
+    # a background job (nohup, CI) starts with SIGINT ignored, and an ignored signal stays ignored across exec:
+    # give the child the default disposition, as a terminal's Ctrl-C would find it
     p = subprocess.Popen([sys.executable, "-m", "cbo_utils.cli", *G[:-1], "--samples", "4000", "--out", "g"],
-                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in p.stderr:   # "calibration: …" is printed just before the gradient collection starts
         seen.append(line)
