@@ -29,7 +29,6 @@ from pathlib import Path
 
 import yaml
 
-from cbo_utils.calibration import load_calibration
 from cbo_utils.core.artifacts import (
     check_output,
     check_writable,
@@ -38,22 +37,7 @@ from cbo_utils.core.artifacts import (
     read_json,
     sidecar_path,
 )
-from cbo_utils.experiments.compare import STAGES, run_compare
-from cbo_utils.experiments.compress import compress
-from cbo_utils.experiments.hybrid import run_profile, summary_table
-from cbo_utils.gradients import collect_gate_gradients, gradients_provenance, load_gradients
-from cbo_utils.model.blocks import describe_blocks
-from cbo_utils.model.load import load_model
-from cbo_utils.problem.bounds import certify
 from cbo_utils.problem.energies import ENERGIES, energy_gradient
-from cbo_utils.problem.ising import BlockRemovalProblem
-from cbo_utils.prune.distill import DistillConfig, distill, kd_data, load_teacher, pruned_student
-from cbo_utils.prune.export import export_pruned, verify_export
-from cbo_utils.prune.files import prune_checkpoint_files, prune_gguf_file
-from cbo_utils.select.methods import run_method
-from cbo_utils.select.selection import write_selections_csv
-from cbo_utils.solvers.heuristics import solve
-from cbo_utils.solvers.states import read_states_csv, states_blocks, write_states_csv
 
 EXIT_USAGE = 2          # a user error: bad input, an output that exists, a file that cannot be read
 EXIT_INTERRUPTED = 130  # Ctrl-C / SIGINT (the shell's convention)
@@ -157,6 +141,7 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
+    from cbo_utils.model.load import load_model
 
     return load_model(args.model, dtype=args.dtype, device_map=args.device_map,
                       trust_remote_code=args.trust_remote_code)
@@ -164,6 +149,7 @@ def _load(args):
 
 # --------------------------------------------------------------------------------------------------- commands
 def cmd_blocks(args) -> int:
+    from cbo_utils.model.blocks import describe_blocks
 
     model, _ = _load(args)
     rows = describe_blocks(model)
@@ -186,6 +172,9 @@ def _gradient_parameters(args) -> dict:
 
 def cmd_gradients(args) -> int:
     import torch
+
+    from cbo_utils.calibration import load_calibration
+    from cbo_utils.gradients import collect_gate_gradients, gradients_provenance
 
     out = check_writable(args.out, "folder")
     _check_device(args.device)
@@ -273,6 +262,9 @@ def _up_to_date(out, args, inputs: dict | None = None) -> bool:
 
 
 def cmd_baseline(args) -> int:
+    from cbo_utils.calibration import load_calibration
+    from cbo_utils.select.methods import run_method
+    from cbo_utils.select.selection import write_selections_csv
 
     if _up_to_date(args.out, args):
         return 0
@@ -290,6 +282,7 @@ def cmd_baseline(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from cbo_utils.experiments.compare import STAGES, run_compare
 
     stages = args.stages or ("select", "develop", "evaluate", "correlate", "efficiency", "report")
     unknown = [st for st in stages if st not in STAGES]
@@ -301,6 +294,10 @@ def cmd_compare(args) -> int:
 
 
 def cmd_solve(args) -> int:
+    from cbo_utils.gradients import load_gradients
+    from cbo_utils.problem.bounds import certify
+    from cbo_utils.problem.ising import BlockRemovalProblem
+    from cbo_utils.solvers.states import write_states_csv
 
     if _up_to_date(args.out, args, {"hessian": _gradient_file(args.hessian)}):
         return 0
@@ -369,6 +366,8 @@ def _feasible_states(problem, res, args, kw):
     blocks is dropped (the rule of :func:`cbo_utils.model.blocks.check_indices`), and more states are asked for until
     k remain or the solver has no more."""
     from cbo_utils.model.blocks import ATTENTION, MAMBA, RemovalError, check_indices
+    from cbo_utils.solvers.heuristics import solve
+    from cbo_utils.solvers.states import states_blocks
 
     types = res.meta.get("block_types")
     hybrid = bool(res.meta.get("hybrid", types is not None and MAMBA in types))
@@ -421,6 +420,9 @@ def _gradient_file(path) -> Path:
 def cmd_prune(args) -> int:
     import copy
 
+    from cbo_utils.prune.export import export_pruned, verify_export
+    from cbo_utils.solvers.states import read_states_csv, states_blocks
+
 
     energy, method = None, "manual"
     if args.states:
@@ -468,6 +470,8 @@ def _unverified_export(out: Path, source: str, remove) -> bool:
 
 
 def cmd_verify(args) -> int:
+    from cbo_utils.model.load import load_model
+    from cbo_utils.prune.export import verify_export
 
     if not (Path(args.folder) / "removed_blocks.json").is_file():
         raise CLIError(f"{args.folder} is not a folder written by `cbo prune` (no removed_blocks.json)")
@@ -513,6 +517,9 @@ def _saved_class(folder: Path) -> str | None:
 
 def cmd_retrain(args) -> int:
     import torch
+
+    from cbo_utils.model.load import load_model
+    from cbo_utils.prune.distill import DistillConfig, distill, kd_data, load_teacher, pruned_student
 
 
     if (args.student is None) == (args.remove is None):
@@ -573,6 +580,7 @@ def cmd_retrain(args) -> int:
 
 
 def cmd_hybrid(args) -> int:
+    from cbo_utils.experiments.hybrid import run_profile, summary_table
 
     res = run_profile(args.profile, args.results, progress=True)
     print(summary_table(res["evaluations"], res["states"]).to_string(index=False))
@@ -581,6 +589,8 @@ def cmd_hybrid(args) -> int:
 
 
 def cmd_compress(args) -> int:
+    from cbo_utils.experiments.compress import compress
+
     compress(args.model, args.M, args.out, method=args.method, calibration=args.calibration, samples=args.samples,
              max_tokens=args.max_tokens, retrain_steps=args.retrain_steps, dtype=args.dtype,
              device_map=args.device_map, gguf=args.gguf, seed=args.seed)
@@ -589,6 +599,8 @@ def cmd_compress(args) -> int:
 
 
 def cmd_prune_files(args) -> int:
+    from cbo_utils.prune.files import prune_checkpoint_files, prune_gguf_file
+
     if str(args.src).endswith(".gguf"):
         rep = prune_gguf_file(args.src, args.remove, args.out, overwrite=args.overwrite)
         print(f"wrote {rep['out']}: removed blocks {' '.join(map(str, rep['removed_blocks']))} of "

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from cbo_utils.calibration import CalibrationSet
-from cbo_utils.core.artifacts import atomic_write_bytes, provenance, read_json, sidecar_path, write_sidecar
+from cbo_utils.core.artifacts import atomic_write_bytes, first_line, provenance, read_json, sidecar_path, write_sidecar
 from cbo_utils.model.blocks import Gates, block_types, get_adapter
 from cbo_utils.model.load import model_device
 from cbo_utils.model.loss import collate_samples, sample_loss
@@ -122,7 +122,7 @@ def load_gradients(path, kind: str | None = None) -> GradientResult:
         try:
             t = load_file(path)
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"{path} is not a readable safetensors file ({_first_line(exc)[:100]}); it is "
+            raise ValueError(f"{path} is not a readable safetensors file ({first_line(exc)[:100]}); it is "
                              "empty, truncated or of another format — write it again with `cbo gradients`") from None
         if "A" not in t:
             raise ValueError(f"{path} has no array named 'A' (found {sorted(t)}); it is not a gradient file of "
@@ -143,7 +143,7 @@ def load_gradients(path, kind: str | None = None) -> GradientResult:
                              "could run code); save the m × N tensor alone (torch.save(A, path)) or as safetensors") \
                 from None
         except Exception as exc:  # noqa: BLE001 — torch raises RuntimeError, EOFError, IndexError, ... on bad bytes
-            raise ValueError(f"{path} is not a readable torch file ({_first_line(exc)[:100]}); it is empty, "
+            raise ValueError(f"{path} is not a readable torch file ({first_line(exc)[:100]}); it is empty, "
                              "truncated or of another format") from None
         if isinstance(obj, dict):
             cands = [obj[k] for k in ("A", "grads", "gradients", "grad_matrix") if k in obj] or [
@@ -440,7 +440,3 @@ def gradients_provenance(model_spec: str, calibration: CalibrationSet, seed: int
     return provenance("gate_gradients", {"model": model_spec, "seed": seed, **params},
                       calibration=calibration.describe())
 
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type when it has none), for one-line error messages."""
-    return (str(exc).splitlines() or [type(exc).__name__])[0]

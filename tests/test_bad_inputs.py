@@ -267,3 +267,15 @@ def test_rerunning_solve_with_the_same_inputs_is_a_no_op(bad, tmp_path, capsys):
     assert cli.main(argv) == 0 and "up to date" in capsys.readouterr().out and out.read_bytes() == before
     assert cli.main([*argv[:-2], "-k", "4", "--out", str(out)]) == cli.EXIT_USAGE      # other settings: refused
     assert cli.main([*argv[:-2], "-k", "4", "--out", str(out), "--overwrite"]) == 0  # … unless asked
+
+
+def test_the_command_line_starts_without_torch(tmp_path):
+    """`cbo --help` and an argument error answer before torch, transformers or pandas are imported (each command
+    imports what it needs): the parser module alone must not pull them in."""
+    code = ("import sys, cbo_utils.cli\n"
+            "heavy = [m for m in ('torch', 'transformers', 'pandas', 'lm_eval') if m in sys.modules]\n"
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_cbo(["solve", "-M", "x"], tmp_path)
+    assert r.returncode == 2 and "not a whole number" in r.stderr and "Traceback" not in r.stderr

@@ -231,3 +231,27 @@ def test_a_removal_measured_once_is_copied_to_methods_that_chose_the_same_blocks
     assert reuse_measurements(tmp_path, {**key, "method": "sliding_window_merging"}, "1 3", False,
                               ["heldout_ppl"]) == ["heldout_ppl"]
     assert reuse_measurements(tmp_path, key2, "1 3", True, ["heldout_ppl"]) == ["heldout_ppl"]
+
+
+def test_dev_test_agreement_against_a_table_built_by_hand(tmp_path):
+    """ρ(dev, test) across methods per M: 1 when the development perplexity orders the methods as a test text does,
+    −1 when reversed; a method above the development cut-off is left out; the report shows the table."""
+    rows = []
+    dev = {"a": 10.0, "b": 20.0, "c": 30.0, "d": 40.0, "broken": 5e3}
+    for M, sign in ((2, 1), (3, -1)):
+        for m, v in dev.items():
+            test = v if sign > 0 else 100.0 - v
+            test = 1.0 if m == "broken" else test    # would spoil ρ = ±1 if it were kept
+            for task, val in (("dev_ppl_sciq", v), ("heldout_ppl", test), ("heldout_ppl_lambada", v * 2)):
+                rows.append({"model": "x", "method": m, "M": M, "state": "selected", "task": task,
+                             "metric": "perplexity", "value": val, "retrained": False})
+    rows.append({"model": "x", "method": "dense", "M": 0, "state": "selected", "task": "dev_ppl_sciq",
+                 "metric": "perplexity", "value": 1.0, "retrained": False})
+    pd.DataFrame(rows).to_csv(tmp_path / "evaluations.csv", index=False)
+    agree = compare.dev_test_agreement(tmp_path).set_index("M")
+    assert agree.loc[2, "methods"] == 4 and agree.loc[2, "best_on_dev"] == "a"
+    assert agree.loc[2, "rho_heldout_ppl"] == pytest.approx(1.0) and agree.loc[2, "best_on_heldout_ppl"] == "a"
+    assert agree.loc[3, "rho_heldout_ppl"] == pytest.approx(-1.0) and agree.loc[3, "best_on_heldout_ppl"] == "d"
+    assert agree.loc[3, "rho_heldout_ppl_lambada"] == pytest.approx(1.0)
+    s = compare.compare_settings(load_profile("tiny"))
+    assert "## Development vs test" in compare.write_report(tmp_path, "tiny", s).read_text()

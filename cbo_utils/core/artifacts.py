@@ -80,6 +80,11 @@ def check_output(out: PathLike, overwrite: bool = False) -> Path:
     return out
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), for one-line error messages."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 def check_writable(out: PathLike, kind: str = "file") -> Path:
     """Refuse, before any work, an output that cannot be written: ``kind="file"``: ``out`` must not be a folder;
     ``kind="folder"``: ``out`` must not be a file; and the nearest existing parent must be a writable folder.

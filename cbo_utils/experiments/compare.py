@@ -569,6 +569,36 @@ def paired_table(results: Path, n_boot: int = 2000, seed: int = 0) -> pd.DataFra
         if rows else pd.DataFrame()
 
 
+def dev_test_agreement(results: Path, max_ppl: float = 1e3) -> pd.DataFrame:
+    """How well the development data predicts the test texts: per model and M, Spearman ρ across methods between
+    the log development perplexity and each held-out text's log perplexity (selections without retraining; methods
+    whose development perplexity exceeds ``max_ppl`` are left out, so the broken ones do not make ρ look good), and
+    which method each ranks first. A ρ well below 1 says the development rule picks for the calibration's domain,
+    not for the test texts'."""
+    path = results / "evaluations.csv"
+    if not path.is_file():
+        return pd.DataFrame()
+    ev = pd.read_csv(path)
+    ev = ev[~ev["retrained"].astype(str).str.lower().eq("true") & (ev["M"] > 0)]
+    texts = sorted(t for t in ev["task"].astype(str).unique() if t.startswith("heldout_ppl"))
+    piv = ev[ev["task"].isin(["dev_ppl_sciq", *texts])].pivot_table(
+        index=["model", "M", "method"], columns="task", values="value", aggfunc="first")
+    if "dev_ppl_sciq" not in piv or not texts:
+        return pd.DataFrame()
+    rows = []
+    for (model, M), grp in piv.groupby(level=["model", "M"]):
+        g = grp.droplevel(["model", "M"])
+        g = g[g["dev_ppl_sciq"] <= max_ppl].dropna()
+        if len(g) < 3:
+            continue
+        row = {"model": model, "M": int(M), "methods": len(g), "best_on_dev": g["dev_ppl_sciq"].idxmin()}
+        for t in texts:
+            row[f"rho_{t}"] = spearman(np.log(g["dev_ppl_sciq"].to_numpy()), np.log(g[t].to_numpy()))
+            row[f"best_on_{t}"] = g[t].idxmin()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def write_report(results: Path, profile: str, s: dict) -> Path:
 
     lines = [f"# Comparison — profile `{profile}`", "",
@@ -606,6 +636,13 @@ def write_report(results: Path, profile: str, s: dict) -> Path:
                            real=grp["separated"].map({True: "**real**", False: ""}))
             lines += [f"### {model}, {task}, M = {M} (best baseline: `{grp['best_baseline'].iloc[0]}`)", "",
                       markdown_table(g[["method", "state", "perplexity", "ratio", "interval", "real"]]), ""]
+    agree = dev_test_agreement(results)
+    if len(agree):
+        lines += ["## Development vs test", "",
+                  "Spearman ρ across methods between log development perplexity (SciQ held-out windows, the domain "
+                  "of the calibration) and log perplexity on each held-out text, per M (methods with a development "
+                  "perplexity above 1,000 left out), and the method each ranks first.", "",
+                  markdown_table(agree), ""]
     if (results / "evaluations.csv").is_file():
         ev = pd.read_csv(results / "evaluations.csv")
         eff = ev[ev["task"] == "efficiency"]

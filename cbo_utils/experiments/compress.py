@@ -160,6 +160,8 @@ def compress(model: str, M: int, out, *, method: str = "cbo", calibration: str =
                                 "heldout_kl_before": res.heldout_kl_before, "heldout_kl_after": res.heldout_kl_after}
             _save(out, rec)
         final = out / "retrained"
+    else:
+        echo("[3/4] no retraining (--retrain-steps 0)")
     t1 = time.perf_counter()
     echo("[4/4] measuring the dense and the compressed model side by side …")
     windows = perplexity_windows(tok, eval_text("boolq"), seq_len=256, windows=8)

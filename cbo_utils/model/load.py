@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from cbo_utils.core.artifacts import cache_dir, write_json
+from cbo_utils.core.artifacts import cache_dir, first_line, write_json
 from cbo_utils.model.tiny import TINY_BUILDERS, build_tiny
 
 log = logging.getLogger(__name__)
@@ -142,11 +142,7 @@ def check_reachable(model: str) -> None:
 
         AutoConfig.from_pretrained(model)
     except Exception as exc:  # noqa: BLE001 - any failure here means the same thing to the user
-        sys.exit(f"cannot reach {model!r}: {type(exc).__name__}: {_first_line(exc)[:200]}\n"
+        sys.exit(f"cannot reach {model!r}: {type(exc).__name__}: {first_line(exc)[:200]}\n"
                  "The paper profile needs the Hugging Face Hub (and accepted licences for Llama) and GPUs. Log in "
                  "with `huggingface-cli login`, or run PROFILE=mini (CPU, embedded SmolLM2) instead.")
 
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type when it has none), for one-line error messages."""
-    return (str(exc).splitlines() or [type(exc).__name__])[0]

@@ -23,6 +23,7 @@ import pandas as pd
 
 from cbo_utils.core.artifacts import (
     atomic_write_text,
+    first_line,
     format_blocks,
     parse_blocks,
     read_json,
@@ -119,7 +120,7 @@ def read_states_csv(path) -> pd.DataFrame:
             from None
     except (UnicodeDecodeError, pd.errors.ParserError) as exc:
         raise ValueError(f"{path} is not a states table from `cbo solve` (it cannot be read as CSV: "
-                         f"{(str(exc).splitlines() or [type(exc).__name__])[0][:120]})") from None
+                         f"{first_line(exc)[:120]})") from None
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{path} is not a solver table: columns {missing} are missing")
