@@ -203,3 +203,33 @@ def test_retrain_runner_writes_before_and_after_rows_and_resumes(tmp_path):
     stamp = (tmp_path / "evaluations.csv").stat().st_mtime_ns
     run_retrain("tiny", tmp_path, M_values=[2], methods=["block_influence"], progress=False)   # nothing left to do
     assert (tmp_path / "evaluations.csv").stat().st_mtime_ns == stamp
+
+
+def test_the_retraining_report_pairs_retrained_models_on_the_same_windows(tmp_path):
+    """After retraining, each method's perplexity ratio to the best *retrained* baseline, recomputed here from the
+    per-window NLLs of the retrained models (not of the models before retraining)."""
+    import pandas as pd
+
+    from cbo_utils.core.profiles import load_profile
+    from cbo_utils.evaluate.statistics import paired_log_ratio
+    from cbo_utils.experiments.retrain import run_retrain
+
+    (tmp_path / "selections.csv").write_text(
+        "model,method,M,removed_blocks,energy,selection_seconds,calibration_tokens,seed\n"
+        "tiny-llama,block_influence,2,1 4,,0.1,512,\n"
+        "tiny-llama,cbo-pairs-rerank,2,2 3,,0.1,512,\n")
+    section = {**load_profile("tiny")["retrain"], "evaluate_zero_shot": False}
+    report = run_retrain("tiny", tmp_path, M_values=[2], methods=["block_influence", "cbo-pairs-rerank"],
+                         progress=False, retrain=section)
+    w = pd.read_csv(tmp_path / "window_nll.csv")
+    w = w[(w["retrained"].astype(str).str.lower() == "true") & (w["task"] == "heldout_ppl")]
+    bi = w[w["method"] == "block_influence"].sort_values("window")
+    cbo = w[w["method"] == "cbo-pairs-rerank"].sort_values("window")
+    want = paired_log_ratio(cbo["nll"].to_numpy(), bi["nll"].to_numpy(), cbo["tokens"].to_numpy())
+    text = report.read_text()
+    assert "## Paired comparison after retraining" in text
+    part = text[text.index("### tiny-llama, heldout_ppl, M = 2"):]
+    assert "best retrained baseline: `block_influence`" in part.splitlines()[0]
+    row = next(ln for ln in part.splitlines() if ln.startswith("| cbo-pairs-rerank |"))
+    assert float(row.split("|")[3]) == pytest.approx(want["ratio"], rel=1e-3)
+    assert f"{want['ratio_lo']:.3f}–{want['ratio_hi']:.3f}" in row

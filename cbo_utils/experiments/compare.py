@@ -541,15 +541,16 @@ def zero_shot_table(results: Path, tasks: Sequence[str], limit=None) -> pd.DataF
     return pd.concat(out).reset_index(drop=True)
 
 
-def paired_table(results: Path, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+def paired_table(results: Path, n_boot: int = 2000, seed: int = 0, retrained: bool = False) -> pd.DataFrame:
     """For every model, held-out text and M: each method's perplexity ratio to the best baseline on that text (the
     lowest perplexity among the non-CBO, non-random methods) with a 95 % paired bootstrap interval over the windows
-    (:func:`cbo_utils.evaluate.statistics.paired_log_ratio`); ``separated``: the interval excludes 1."""
+    (:func:`cbo_utils.evaluate.statistics.paired_log_ratio`); ``separated``: the interval excludes 1.
+    ``retrained=True``: the same among the retrained models (the best *retrained* baseline as reference)."""
     path = results / "window_nll.csv"
     if not path.is_file():
         return pd.DataFrame()
     w = pd.read_csv(path)
-    w = w[~w["retrained"].astype(str).str.lower().eq("true") & (w["M"] > 0)]
+    w = w[w["retrained"].astype(str).str.lower().eq("true").eq(bool(retrained)) & (w["M"] > 0)]
     rows = []
     for (model, task, M), grp in w.groupby(["model", "task", "M"]):
         per = {k: sub.sort_values("window") for k, sub in grp.groupby(["method", "state"])}
