@@ -600,6 +600,18 @@ def dev_test_agreement(results: Path, max_ppl: float = 1e3) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def paired_sections(paired: pd.DataFrame, reference: str, columns: Sequence[str]) -> list[str]:
+    """Markdown lines of a :func:`paired_table`: one table per (model, text, M) with the ratio, its interval and
+    **real** where the interval excludes 1; ``reference`` names the reference in each heading."""
+    lines: list[str] = []
+    for (model, task, M), grp in paired.groupby(["model", "task", "M"], sort=False):
+        g = grp.assign(interval=[f"{lo:.3f}–{hi:.3f}" for lo, hi in zip(grp["ratio_lo"], grp["ratio_hi"])],
+                       real=grp["separated"].map({True: "**real**", False: ""}))
+        lines += [f"### {model}, {task}, M = {M} ({reference}: `{grp['best_baseline'].iloc[0]}`)", "",
+                  markdown_table(g[[*columns, "perplexity", "ratio", "interval", "real"]]), ""]
+    return lines
+
+
 def write_report(results: Path, profile: str, s: dict) -> Path:
 
     lines = [f"# Comparison — profile `{profile}`", "",
@@ -632,11 +644,7 @@ def write_report(results: Path, profile: str, s: dict) -> Path:
                   "Ratio = method's perplexity / the best baseline's on the same windows, with a 95 % bootstrap "
                   f"interval over windows ({int(s.get('bootstrap', 2000))} draws); **real** = the interval excludes 1.",
                   ""]
-        for (model, task, M), grp in paired.groupby(["model", "task", "M"], sort=False):
-            g = grp.assign(interval=[f"{lo:.3f}–{hi:.3f}" for lo, hi in zip(grp["ratio_lo"], grp["ratio_hi"])],
-                           real=grp["separated"].map({True: "**real**", False: ""}))
-            lines += [f"### {model}, {task}, M = {M} (best baseline: `{grp['best_baseline'].iloc[0]}`)", "",
-                      markdown_table(g[["method", "state", "perplexity", "ratio", "interval", "real"]]), ""]
+        lines += paired_sections(paired, "best baseline", ["method", "state"])
     agree = dev_test_agreement(results)
     if len(agree):
         lines += ["## Development vs test", "",

@@ -31,7 +31,7 @@ from cbo_utils.core.profiles import check_keys, check_like, m_values, profile_wi
 from cbo_utils.core.tables import markdown_table, upsert_rows
 from cbo_utils.evaluate.lmeval import zero_shot_mean
 from cbo_utils.evaluate.measure import done_rows, evaluation_model, measure_selection, missing_measurements
-from cbo_utils.experiments.compare import compare_settings, default_variant, paired_table
+from cbo_utils.experiments.compare import compare_settings, default_variant, paired_sections, paired_table
 from cbo_utils.model.load import load_model
 from cbo_utils.prune.distill import DistillConfig, distill, kd_data, load_teacher, pruned_student
 
@@ -231,11 +231,7 @@ def write_report(results: Path, profile: str, s: dict, cs: dict) -> Path:
         lines += ["## Paired comparison after retraining (held-out perplexity)", "",
                   "Ratio = a retrained model's perplexity / the best retrained baseline's on the same windows, 95 % "
                   "bootstrap interval over windows; **real** = the interval excludes 1.", ""]
-        for (model, task, M), grp in paired.groupby(["model", "task", "M"], sort=False):
-            g = grp.assign(interval=[f"{lo:.3f}–{hi:.3f}" for lo, hi in zip(grp["ratio_lo"], grp["ratio_hi"])],
-                           real=grp["separated"].map({True: "**real**", False: ""}))
-            lines += [f"### {model}, {task}, M = {M} (best retrained baseline: `{grp['best_baseline'].iloc[0]}`)",
-                      "", markdown_table(g[["method", "perplexity", "ratio", "interval", "real"]]), ""]
+        lines += paired_sections(paired, "best retrained baseline", ["method"])
     return atomic_write_text(results / "retraining.md", "\n".join(lines) + "\n")
 
 
