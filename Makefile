@@ -93,5 +93,5 @@ solver-table: venv  ## the solver table: exact vs SA vs tabu vs the certified bo
 		--out results/solvers
 	@echo "solver table: $(SOLVER_TABLE)"
 
-clean-results:  ## delete results/ (never the venv or the model cache)
-	rm -rf results
+clean-results: | $(STAMP)  ## remove what cbo wrote under results/ (by each folder's record; never your files, the venv or the model cache)
+	$(VPY) -m cbo_utils.notebooks clean --results results

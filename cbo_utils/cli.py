@@ -32,6 +32,7 @@ import yaml
 from cbo_utils.core.artifacts import (
     check_output,
     check_writable,
+    file_is_recorded,
     parse_blocks,
     provenance,
     read_json,
@@ -85,18 +86,50 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def _device_map(text: str):
+    """--device-map: a strategy, a device, or a JSON mapping of module names to devices (cpu, disk, mps, cuda,
+    cuda:N or a GPU number N), every device checked; one naming a CUDA device is refused on a machine without one
+    (torch is imported only then)."""
+    def cuda_index(d):   # None: not a CUDA device; -1: "cuda"; N: cuda:N or N
+        if isinstance(d, int) and not isinstance(d, bool) and d >= 0:
+            return d
+        if isinstance(d, str) and (d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit())):
+            return int(d[5:]) if ":" in d else -1
+        return None
+
     t = text.strip()
-    if t in DEVICE_MAPS or t in ("cpu", "cuda", "mps") or (t.startswith("cuda:") and t[5:].isdigit()):
+    if t in DEVICE_MAPS or t in ("cpu", "mps"):
         return t
-    if t.startswith("{"):
+    if cuda_index(t) is not None:
+        m, devices = t, [t]
+    elif t.startswith("{"):
         try:
             m = json.loads(t)
         except json.JSONDecodeError as exc:
             raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({exc.msg})") from None
-        if isinstance(m, dict):
-            return m
-    raise argparse.ArgumentTypeError(f"{text!r} is not a device map; use one of {', '.join(DEVICE_MAPS)}, a device "
-                                     "(cpu, cuda, cuda:1) or a JSON mapping of module names to devices")
+        if not isinstance(m, dict) or not m:
+            raise argparse.ArgumentTypeError(f"{text!r} must be a non-empty JSON mapping of module names to devices, "
+                                             'e.g. \'{"": "cpu"}\' or \'{"model.layers.0": 0, "lm_head": "cpu"}\'')
+        for name, d in m.items():
+            if not (d in ("cpu", "disk", "mps") or cuda_index(d) is not None):
+                raise argparse.ArgumentTypeError(f"{text!r}: module {name!r} is placed on {d!r}, which is not a "
+                                                 "device; use cpu, disk, mps, cuda, cuda:N or a GPU number N")
+        devices = list(m.values())
+    else:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device map; use one of {', '.join(DEVICE_MAPS)}, a "
+                                         "device (cpu, cuda, cuda:1) or a JSON mapping of module names to devices")
+    want = [cuda_index(d) for d in devices if cuda_index(d) is not None]
+    if want:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise argparse.ArgumentTypeError(f"{text!r} places the model on CUDA, but this machine has no CUDA GPU "
+                                             f"that torch can use (torch {torch.__version__}); leave --device-map out "
+                                             "to run on the CPU")
+        if max(want) >= n:
+            raise argparse.ArgumentTypeError(f"{text!r} names CUDA device {max(want)}, but this machine has {n} "
+                                             f"(numbered 0..{n - 1})")
+    return m
 
 
 def _device(text: str) -> str:
@@ -179,22 +212,23 @@ def cmd_gradients(args) -> int:
     out = check_writable(args.out, "folder")
     _check_device(args.device)
     target = out / "gradients.safetensors"
-    if target.exists():
+    if target.exists() or target.is_symlink():
         side = sidecar_path(target)
-        old = read_json(side).get("parameters", {}) if side.is_file() else {}
+        if not file_is_recorded(target):
+            raise CLIError(f"{target} is not what cbo wrote there (no sidecar {side.name} recording its content, or "
+                           "it was truncated or changed since); cbo does not replace a file it cannot prove is its "
+                           "own — move or delete it, or choose another --out")
+        old = read_json(side).get("parameters", {})
         new = _gradient_parameters(args)
         same = {k: old.get(k) for k in new} == new
         if same and not args.overwrite:
-            print(f"{target} is up to date (made from the same model, calibration and settings); nothing to do — "
-                  "pass --overwrite to compute it again")
+            print(f"{target} is up to date (made from the same model, calibration and settings; its content checked "
+                  "against its record); nothing to do — pass --overwrite to compute it again")
             return 0
         if not args.overwrite:
             differ = sorted(k for k in new if old.get(k) != new[k])
             raise CLIError(f"{target} exists and was made from other inputs ({', '.join(differ) or 'no record'}); "
                            "choose another --out, or pass --overwrite to replace it")
-        if not side.is_file():
-            raise CLIError(f"--overwrite replaces only outputs cbo wrote, and {target} has no sidecar record "
-                           f"({side.name}); nothing was changed — give a new --out")
     torch.manual_seed(args.seed)
     model, tok = _load(args)
     if args.device and not args.device_map:
@@ -252,6 +286,12 @@ def _up_to_date(out, args, inputs: dict | None = None) -> bool:
         rec = read_json(side)
     except ValueError:
         return False
+    if not file_is_recorded(out):
+        if isinstance(rec, dict) and isinstance(rec.get("artifact"), dict):
+            raise CLIError(f"{out} is not what cbo wrote there (truncated, emptied or edited since: its sidecar "
+                           f"{side.name} records {rec['artifact'].get('size')} bytes of other content); cbo does not "
+                           "replace a file it cannot prove is its own — move or delete it, then rerun")
+        return False
     if rec.get("cli") != _cli_record(args):
         return False
     for role, path in (inputs or {}).items():
@@ -284,6 +324,12 @@ def cmd_baseline(args) -> int:
 def cmd_compare(args) -> int:
     from cbo_utils.experiments.compare import STAGES, run_compare
 
+    if args.stages is not None and not args.stages:
+        raise CLIError(f"--stages was given without a stage; name the stages to run ({' '.join(STAGES)}), or leave "
+                       "--stages out to run them all")
+    if args.M is not None and (not args.M or min(args.M) < 1):
+        raise CLIError(f"-M {' '.join(map(str, args.M)) or '(nothing)'}: give one or more block counts above 0, or "
+                       "leave -M out for the profile's M values")
     stages = args.stages or ("select", "develop", "evaluate", "correlate", "efficiency", "report")
     unknown = [st for st in stages if st not in STAGES]
     if unknown:
@@ -459,8 +505,14 @@ def cmd_prune(args) -> int:
 def _unverified_export(out: Path, source: str, remove) -> bool:
     """Whether ``out`` is a complete export by cbo of ``source`` without ``remove`` that was never verified (a run
     killed during its verification): a rerun verifies it instead of refusing the folder."""
+    from cbo_utils.core.artifacts import read_manifest, unowned_entries
+
     rec_path = out / "removed_blocks.json"
     if not rec_path.is_file() or (out / "verification.json").is_file():
+        return False
+    man = read_manifest(out)   # the record cbo wrote last, listing every file of the export unchanged
+    if man is None or man.get("output") != "pruned_model" or "removed_blocks.json" not in man["files"] \
+            or unowned_entries(out, man):
         return False
     try:
         rec = read_json(rec_path)
@@ -525,15 +577,32 @@ def cmd_retrain(args) -> int:
     if (args.student is None) == (args.remove is None):
         raise CLIError("give the student either as --student FOLDER (e.g. from `cbo prune`) or as --remove "
                        "BLOCKS (removed from a fresh copy of --teacher)")
+    # validation before any work: settings that cannot work (DistillConfig.check names the flag), an NF4 teacher
+    # without its GPU and package, a student record of the wrong shape
+    DistillConfig(lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, epochs=args.epochs,
+                  max_steps=args.max_steps, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                  grad_clip=args.grad_clip, temperature=args.temperature, teacher_dtype=args.teacher_dtype,
+                  student_dtype=args.dtype, save_every=args.save_every, seed=args.seed).check(cli=True)
+    if args.teacher_dtype == "nf4":
+        import importlib.util
+
+        if not torch.cuda.is_available():
+            raise CLIError("--teacher-dtype nf4 needs a CUDA GPU (bitsandbytes' 4-bit kernels) and this machine has "
+                           "none that torch can use; use --teacher-dtype bfloat16 (or float32) here")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise CLIError("--teacher-dtype nf4 needs the bitsandbytes package (pip install bitsandbytes); or use "
+                           "--teacher-dtype bfloat16")
+    if args.student and (Path(args.student) / "removed_blocks.json").is_file():
+        from cbo_utils.prune.export import read_removal_record
+
+        read_removal_record(args.student)   # a malformed record: ValueError naming the file
+    from cbo_utils.core.artifacts import claim_folder
+
     out = check_writable(args.out, "folder")
+    claim_folder(out, "retraining", overwrite=args.overwrite, create=False)   # refuses a folder cbo did not write
     if out.is_dir() and any(out.iterdir()):
-        log = out / "train_log.csv"
         prev = out / "distill_run.json"
-        if not (log.is_file() or prev.is_file() or (out / "checkpoint").is_dir()
-                or (out / "retraining.json").is_file()):
-            raise CLIError(f"--out {out} is a folder with other files (not a retraining run of cbo); give a new "
-                           "or empty folder")
-        if prev.is_file():
+        if prev.is_file() and not args.overwrite:
             rec = read_json(prev)
             if (rec.get("teacher"), rec.get("student")) != (args.teacher, args.student or f"remove {args.remove}") \
                     and not args.overwrite:
@@ -568,7 +637,12 @@ def cmd_retrain(args) -> int:
         raise CLIError(f"--student {args.student or args.remove} ({type(student).__name__}, {n_student} blocks) is not "
                        f"a pruned copy of --teacher {args.teacher} ({type(teacher).__name__}, {n_teacher} blocks)"
                        + (f"; its record says it was pruned from {src!r}" if src else ""))
-    out.mkdir(parents=True, exist_ok=True)
+    if args.student:   # by the weights, not by the class name: the kept blocks are the teacher's
+        from cbo_utils.prune.distill import check_student_of_teacher
+
+        removed = read_json(Path(args.student) / "removed_blocks.json").get("removed_blocks", [])
+        check_student_of_teacher(student, teacher, removed, student_name=args.student, teacher_name=args.teacher)
+    claim_folder(out, "retraining", overwrite=args.overwrite)   # checked above; now emptied (--overwrite) or resumed
     from cbo_utils.core.artifacts import write_json
 
     write_json(out / "distill_run.json", {"teacher": args.teacher, "student": args.student or f"remove {args.remove}"})
@@ -787,15 +861,46 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-#: where an interrupted command resumes (Ctrl-C message)
-RESUME = {
-    "gradients": "rerun the same command: it resumes from {out}/gradients.partial",
-    "solve": "rerun the same command (with --checkpoint, exact enumeration resumes from it)",
-    "retrain": "rerun the same command: it resumes from {out}/checkpoint",
-    "compress": "rerun the same command: it resumes from the last finished step in {out}",
-    "compare": "rerun the same command: what is already in its tables is not measured again",
-    "hybrid": "rerun the same command: finished stages are not repeated",
-}
+def resume_hint(args) -> str:
+    """What a rerun of an interrupted command will do — read off what it actually saved, so the promise is true."""
+    cmd, out = args.command, Path(getattr(args, "out", None) or ".")
+    atomic = "nothing was half-written (outputs are written atomically)"
+    if cmd == "gradients":
+        parts = sorted(out.glob("gradients.partial*")) if out.is_dir() else []
+        return (f"rerun the same command: it resumes from {parts[0]}" if parts else
+                f"{atomic}; no checkpoint was saved yet, so a rerun starts from the first sample")
+    if cmd == "solve":
+        ck = getattr(args, "checkpoint", None)
+        if ck and Path(ck).is_file():
+            return f"rerun the same command: exact enumeration resumes from {ck}"
+        if ck:
+            return f"{atomic}; {ck} was not saved yet, so a rerun starts the enumeration over"
+        return f"{atomic}; rerun the command (with --checkpoint FILE an exact enumeration can resume)"
+    if cmd == "retrain":
+        st = out / "checkpoint" / "state.json"
+        if st.is_file():
+            try:
+                step = read_json(st).get("step")
+            except (OSError, ValueError):
+                step = None
+            return f"rerun the same command: it resumes from {out / 'checkpoint'}" + (f" (step {step})" if step else "")
+        return (f"{atomic}; no checkpoint was saved yet (one every --save-every steps), so a rerun in the same --out "
+                "starts the training over")
+    if cmd == "compress":
+        run = out / "compress.json"
+        try:
+            done = list(read_json(run).get("steps") or {}) if run.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            done = None
+        if done is None:
+            return f"{atomic}; rerun the same command to start over in {out}"
+        return (f"rerun the same command: it resumes in {out}" + (f" after the finished steps ({', '.join(done)})"
+                                                                  if done else " at the first step"))
+    if cmd == "compare":
+        return "rerun the same command: what is already in its tables is not measured again"
+    if cmd == "hybrid":
+        return "rerun the same command: finished stages are not repeated"
+    return f"{atomic}; rerun the command"
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -820,20 +925,37 @@ def _message(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one ``cbo`` command. Exit codes: 0 done, 1 a bug in cbo (or `cbo verify`: a check failed), 2 a user error
-    (bad input, an output that exists, an unreadable file), 130 interrupted. No traceback unless ``--debug`` or
-    ``CBO_DEBUG=1``."""
+    (bad input, an output that exists, an unreadable file), 130 interrupted, 141 the output pipe closed early (quietly,
+    e.g. ``cbo blocks … | head -1``). No traceback unless ``--debug`` or ``CBO_DEBUG=1``."""
     ap = build_parser()
     args = ap.parse_args(argv)
     debug = args.debug or os.environ.get("CBO_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from cbo_utils.core import tempfiles
+
+    tempfiles.install_signal_handlers()   # SIGTERM / SIGHUP clean up like Ctrl-C: no temporary files left behind
     try:
-        return args.func(args)
-    except KeyboardInterrupt:
+        if args.command == "verify" and (Path(args.folder) / "removed_blocks.json").is_file():
+            from cbo_utils.prune.export import read_removal_record
+
+            read_removal_record(args.folder)   # a malformed record: one message naming it, before any model loads
+        rc = args.func(args)
+        sys.stdout.flush()   # a closed pipe shows here, not at the interpreter's exit
+        return rc
+    except BrokenPipeError:   # the reader stopped early (`cbo blocks … | head -1`): quiet, like `yes | head`
+        try:   # the Python docs' recipe: stdout to devnull so the interpreter's final flush does not fail again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):   # stdout without a file descriptor (captured)
+            pass
+        return 141   # 128 + SIGPIPE: what a shell reports for a writer whose pipe closed
+    except (KeyboardInterrupt, tempfiles.Terminated) as exc:
+        tempfiles.cleanup_all()
         if debug:
             raise
-        hint = RESUME.get(args.command, "nothing was half-written (outputs are written atomically); rerun the command")
-        print(f"\ncbo {args.command}: interrupted; {hint.format(out=getattr(args, 'out', '--out'))}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        what = f"stopped by {exc.name}" if isinstance(exc, tempfiles.Terminated) else "interrupted"
+        print(f"\ncbo {args.command}: {what}; {resume_hint(args)}", file=sys.stderr)
+        return 128 + exc.signum if isinstance(exc, tempfiles.Terminated) else EXIT_INTERRUPTED
     except _user_errors() as exc:  # OSError: missing files, unreachable models, unwritable outputs
         if debug:
             raise

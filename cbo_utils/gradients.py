@@ -99,6 +99,18 @@ def _check_matrix(A: torch.Tensor, what: str) -> None:
                          "gradients with float32 weights (bf16/fp16 can overflow) or drop those samples")
 
 
+def _check_real(path, what: str, t: torch.Tensor) -> None:
+    """Refuse a complex or non-numeric tensor: gate gradients and Hessians are real, and casting would drop the
+    imaginary part without a word."""
+    if t.is_complex():
+        raise ValueError(f"{path}: {what} is complex ({str(t.dtype).removeprefix('torch.')}); gate gradients and "
+                         "Hessians are real numbers and cbo does not silently drop an imaginary part — save the real "
+                         "tensor (e.g. A.real, if that is what it means)")
+    if t.dtype == torch.bool:
+        raise ValueError(f"{path}: {what} holds booleans, not numbers; save the m × N gradients (or N × N matrix) as "
+                         "floats")
+
+
 def load_gradients(path, kind: str | None = None) -> GradientResult:
     """Load A, g, H (and H_exact) from a folder or ``.safetensors`` written by this package, or the authors'
     published torch tensors (``.pt``: an m × N tensor, or a dict holding one), read with ``weights_only=True``.
@@ -127,9 +139,17 @@ def load_gradients(path, kind: str | None = None) -> GradientResult:
         if "A" not in t:
             raise ValueError(f"{path} has no array named 'A' (found {sorted(t)}); it is not a gradient file of "
                              "`cbo gradients`")
+        _check_real(path, "'A'", t["A"])
         if t["A"].dim() != 2 or not torch.isfinite(t["A"]).all():
             raise ValueError(f"{path}: 'A' must be a finite m × N matrix, got shape {tuple(t['A'].shape)}"
                              + ("" if t["A"].dim() != 2 else " with non-finite entries"))
+        if t.get("H_exact") is not None:
+            H_ex, n = t["H_exact"], t["A"].shape[1]
+            _check_real(path, "'H_exact'", H_ex)
+            if tuple(H_ex.shape) != (n, n) or not torch.isfinite(H_ex).all():
+                raise ValueError(f"{path}: 'H_exact' must be a finite {n} × {n} matrix (N = {n} blocks, from 'A'), got "
+                                 f"shape {tuple(H_ex.shape)}" + ("" if tuple(H_ex.shape) != (n, n)
+                                                                else " with non-finite entries"))
         meta = read_json(sidecar_path(path)) if sidecar_path(path).exists() else {}
         res = GradientResult.from_A(t["A"], H_exact=t.get("H_exact"), meta=meta)
         return res
@@ -155,6 +175,7 @@ def load_gradients(path, kind: str | None = None) -> GradientResult:
             what = f"a {obj.dim()}-D tensor" if isinstance(obj, torch.Tensor) else f"a {type(obj).__name__}"
             raise ValueError(f"{path} holds {what}; expected an m × N tensor of gate gradients (or, with kind "
                              "'matrix' / --input-kind matrix, an N × N matrix)")
+        _check_real(path, "the tensor", obj)
         if not torch.isfinite(obj).all():
             raise ValueError(f"{path} has non-finite entries (NaN or inf)")
         m, n = obj.shape

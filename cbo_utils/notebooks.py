@@ -20,7 +20,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cbo_utils.core.artifacts import atomic_write_text, repo_root
+from cbo_utils.core.artifacts import (
+    atomic_write_text,
+    claim_folder,
+    owning_folder,
+    read_manifest,
+    record_files,
+    remove_owned,
+    repo_root,
+)
 from cbo_utils.core.imports import closure_files, imported_modules, notebook_sources
 from cbo_utils.core.profiles import load_profile, m_values, slug
 from cbo_utils.model.load import check_reachable
@@ -97,6 +105,7 @@ def run_notebook(notebook: str, profile, model: str | None = None, results_dir=N
 
     cfg = _profile(profile)
     params = parameters_for(notebook, cfg, model, results_dir)
+    claim_folder(ROOT / params["results_dir"], "results")   # a results folder of the user's is refused
     out = log_path(notebook, cfg["profile"], params.get("model"), ROOT / params["results_dir"])
     out.parent.mkdir(parents=True, exist_ok=True)
     command = f"python -m cbo_utils.notebooks run {notebook} --profile {cfg['profile']}" + (
@@ -111,6 +120,8 @@ def run_notebook(notebook: str, profile, model: str | None = None, results_dir=N
             os.environ.pop("CBO_COMMAND", None)
         else:
             os.environ["CBO_COMMAND"] = before
+        if out.is_file() and owning_folder(out) is not None:   # the executed notebook (papermill writes it itself)
+            record_files(owning_folder(out), [out])
     return out
 
 
@@ -206,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     g = sub.add_parser("graph", help="write the Make graph of a profile")
     g.add_argument("--profile", default="mini")
     g.add_argument("--out", default=None)
+    k = sub.add_parser("clean", help="remove what cbo wrote under a results folder (by each folder's record); keep "
+                                     "the rest")
+    k.add_argument("--results", default="results")
     c = sub.add_parser("check", help="stop early, with a clear message, when a model of the profile is unreachable")
     c.add_argument("--profile", default="mini")
     q = sub.add_parser("params", help="print a notebook's parameters for a profile")
@@ -225,10 +239,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         text = make_graph(args.profile)
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            claim_folder(Path(args.out).parent, "results")   # results/<profile>/graph.mk: the run's first file
             atomic_write_text(args.out, text)
         else:
             print(text)
+    elif args.cmd == "clean":
+        removed_any = False
+        for folder in sorted(Path(args.results).iterdir()) if Path(args.results).is_dir() else []:
+            if folder.is_dir() and not folder.is_symlink() and read_manifest(folder) is not None:
+                kept = remove_owned(folder, strict=False)
+                removed_any = True
+                print(f"{folder}: removed what cbo wrote" + (f"; kept {len(kept)} file(s) it did not write or that "
+                                                             f"changed since: {', '.join(kept[:5])}" if kept else ""))
+        if not removed_any:
+            print(f"nothing to clean: no folder under {args.results} has a record of what cbo wrote")
     elif args.cmd == "check":
 
         cfg = _profile(args.profile)

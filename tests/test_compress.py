@@ -41,7 +41,7 @@ def test_compress_refuses_what_it_cannot_do_before_any_work(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(CompressError, match="not a cbo compress folder"):
+    with pytest.raises(CompressError, match="not a folder cbo wrote"):
         compress("tiny-llama", 1, foreign, echo=lambda *_: None, **KW)
     assert (foreign / "notes.txt").read_text() == "keep me" and len(list(foreign.iterdir())) == 1
     with pytest.raises(CompressError, match="unknown method"):

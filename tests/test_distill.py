@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from cbo_utils.core.artifacts import atomic_write_text, claim_folder
 from cbo_utils.model.blocks import remove_blocks
 from cbo_utils.model.tiny import build_tiny
 from cbo_utils.prune.distill import DistillConfig, KDData, batch_plan, cosine_lr, distill, heldout_kl, kd_data, kd_loss
@@ -186,7 +187,8 @@ def test_retrain_runner_writes_before_and_after_rows_and_resumes(tmp_path):
 
     from cbo_utils.experiments.retrain import run_retrain
 
-    (tmp_path / "selections.csv").write_text(
+    claim_folder(tmp_path, "results")   # the selections of an earlier run of cbo, written into its results folder
+    atomic_write_text(tmp_path / "selections.csv",
         "model,method,M,removed_blocks,energy,selection_seconds,calibration_tokens,seed\n"
         "tiny-llama,block_influence,2,1 4,,0.1,512,\n")
     report = run_retrain("tiny", tmp_path, M_values=[2], methods=["block_influence", "sleb"], progress=False)
@@ -214,7 +216,8 @@ def test_the_retraining_report_pairs_retrained_models_on_the_same_windows(tmp_pa
     from cbo_utils.evaluate.statistics import paired_log_ratio
     from cbo_utils.experiments.retrain import run_retrain
 
-    (tmp_path / "selections.csv").write_text(
+    claim_folder(tmp_path, "results")   # the selections of an earlier run of cbo, written into its results folder
+    atomic_write_text(tmp_path / "selections.csv",
         "model,method,M,removed_blocks,energy,selection_seconds,calibration_tokens,seed\n"
         "tiny-llama,block_influence,2,1 4,,0.1,512,\n"
         "tiny-llama,cbo-pairs-rerank,2,2 3,,0.1,512,\n")

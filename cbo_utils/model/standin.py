@@ -9,8 +9,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from cbo_utils.calibration import sciq_conversations
+from cbo_utils.core import tempfiles
 from cbo_utils.core.artifacts import (
     provenance,
     read_json,
@@ -219,8 +218,8 @@ def standin_nemotron_h(pattern: str = NANO_PATTERN, hidden: int = 64, steps: int
     }
     if cache:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}."))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+        tempfiles.clean_stale(target)
+        tmp = tempfiles.temp_dir(target)
         try:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
@@ -230,9 +229,9 @@ def standin_nemotron_h(pattern: str = NANO_PATTERN, hidden: int = 64, steps: int
             except OSError:  # another process finished the same stand-in first: use its copy
                 if not (target / STANDIN_INFO).is_file():
                     raise
-                shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            tempfiles.discard(tmp)
             raise
+        tempfiles.discard(tmp)   # nothing left when it was renamed; the other process's copy is used otherwise
         info["path"] = str(target)
     return model, tok, info

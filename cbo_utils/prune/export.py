@@ -44,7 +44,7 @@ def export_pruned(model, tokenizer, remove, out_dir, *, method: str = "manual", 
     types_before = block_types(model)
     remove = check_removal(model, remove)
     remove_blocks(model, remove)
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, "pruned_model") as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -170,6 +170,38 @@ def write_model_card(folder, evaluation: str | None = None) -> Path:
                                                                evaluation))
 
 
+def read_removal_record(folder) -> dict[str, Any]:
+    """``folder/removed_blocks.json`` (the record :func:`export_pruned` writes), checked for its shape: a JSON object
+    whose ``removed_blocks`` is a list of distinct 0-based block indices (integers), within ``num_blocks_original``
+    of the source model. Anything else raises ``ValueError`` naming the file and what is wrong."""
+    path = Path(folder) / "removed_blocks.json"
+    try:
+        rec = read_json(path)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno}); export the model again with "
+                         "`cbo prune`") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; export the model again with `cbo prune`") from None
+    fix = "it is not the record `cbo prune` writes — export the model again with `cbo prune`"
+    if not isinstance(rec, dict):
+        raise ValueError(f"{path} holds a JSON {type(rec).__name__}, not an object with removed_blocks; {fix}")
+    rb = rec.get("removed_blocks")
+    if not isinstance(rb, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in rb):
+        raise ValueError(f"{path}: removed_blocks = {str(rb)[:60]!s} must be a list of 0-based block indices "
+                         f"(whole numbers); {fix}")
+    if any(b < 0 for b in rb) or len(set(rb)) != len(rb):
+        raise ValueError(f"{path}: removed_blocks {rb} has {'negative' if any(b < 0 for b in rb) else 'repeated'} "
+                         f"indices; {fix}")
+    n = rec.get("num_blocks_original")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{path}: num_blocks_original = {n!r} must be a whole number above 0 (the source model's "
+                         f"block count); {fix}")
+    if any(b >= n for b in rb) or len(rb) >= n:
+        raise ValueError(f"{path}: removed_blocks {rb} does not fit a model of num_blocks_original = {n} blocks "
+                         f"(indices 0..{n - 1}, at least one kept); {fix}")
+    return rec
+
+
 @torch.no_grad()
 def verify_export(out_dir, original_model, tokenizer=None, *, prompts: list[str] | None = None,
                   max_new_tokens: int = 12, atol: float = 1e-4, write: bool = True, raise_on_fail: bool = True
@@ -187,7 +219,7 @@ def verify_export(out_dir, original_model, tokenizer=None, *, prompts: list[str]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out_dir = Path(out_dir)
-    rec = read_json(out_dir / "removed_blocks.json")
+    rec = read_removal_record(out_dir)
     removed = rec["removed_blocks"]
     sharded = bool(getattr(original_model, "hf_device_map", None))  # a big model: shard the reload the same way
     pruned, info = AutoModelForCausalLM.from_pretrained(out_dir, output_loading_info=True,
@@ -199,6 +231,9 @@ def verify_export(out_dir, original_model, tokenizer=None, *, prompts: list[str]
     checks = report["checks"]
     load_problems = {k: list(v) for k, v in info.items() if v}
     checks["reload_keys"] = {"ok": not load_problems, "problems": load_problems}
+    nonfinite = [n for n, p in pruned.named_parameters()
+                 if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all())]
+    checks["weights_finite"] = {"ok": not nonfinite, "nonfinite_tensors": nonfinite[:10]}
 
     n_expected = rec["num_blocks_original"] - len(removed)
     adapter = get_adapter(pruned)

@@ -51,7 +51,15 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
-from cbo_utils.core.artifacts import atomic_write_bytes, file_sha256, format_blocks, parse_blocks, read_json, write_json  # noqa: E402
+from cbo_utils.core.artifacts import (  # noqa: E402
+    atomic_write_bytes,
+    claim_folder,
+    file_sha256,
+    format_blocks,
+    parse_blocks,
+    read_json,
+    write_json,
+)
 from cbo_utils.core.profiles import load_profile
 from cbo_utils.evaluate.lmeval import ZERO_SHOT_METRIC
 from cbo_utils.model.blocks import PATTERN_LETTER, pattern_types
@@ -863,6 +871,7 @@ def draw_all(results_dir: Any, figures_dir: Any, profile: str | None = None) -> 
     results, out = Path(results_dir), Path(figures_dir)
     if not results.is_dir():
         raise FileNotFoundError(f"no results folder {results}; run make reproduce PROFILE=... first")
+    claim_folder(out, "figures")   # a folder of the user's is refused; the figures of an earlier run are redrawn
     ctx = FigureInputs(results, out, _profile_settings(profile))
     made: dict[str, dict] = {}
     skipped: list[dict] = []

@@ -126,18 +126,92 @@ def read_states_csv(path) -> pd.DataFrame:
         raise ValueError(f"{path} is not a solver table: columns {missing} are missing")
     if df.empty:
         raise ValueError(f"{path} holds no states (only its header); rerun `cbo solve` to write them")
-    df["rank"] = df["rank"].astype(np.int64)
-    df["energy"] = df["energy"].astype(np.float64)
-    df["seed"] = pd.array(df["seed"], dtype="Int64")
-    for col in ("feasible", "tie"):
-        if df[col].dtype != bool:
-            df[col] = df[col].astype(str).str.lower().map({"true": True, "false": False}).astype(bool)
     side = sidecar_path(path)
+    info = None
     if side.is_file():
         rec = read_json(side)
-        if isinstance(rec, dict) and "solver_info" in rec:
-            df.attrs["solver_info"] = rec["solver_info"]
+        if isinstance(rec, dict) and isinstance(rec.get("solver_info"), dict):
+            info = rec["solver_info"]
+    _check_states_table(path, df, info)
+    df["rank"] = pd.to_numeric(df["rank"]).astype(np.int64)
+    df["energy"] = pd.to_numeric(df["energy"]).astype(np.float64)
+    df["seed"] = pd.array(pd.to_numeric(df["seed"]), dtype="Int64")
+    for col in ("feasible", "tie"):
+        if df[col].dtype != bool:
+            df[col] = df[col].astype(str).str.strip().str.lower().map({"true": True, "false": False}).astype(bool)
+    if info is not None:
+        df.attrs["solver_info"] = info
     return df
+
+
+def _check_states_table(path: Path, df: pd.DataFrame, info: Mapping[str, Any] | None) -> None:
+    """Refuse a states table whose rows cannot be what `cbo solve` wrote, naming the file, the row (its CSV line) and
+    the problem: non-numeric or non-finite energies; ranks that are not whole numbers 0, 1, … or repeat; seeds that
+    are not whole numbers; feasible / tie other than true or false; removed blocks that do not parse, are negative,
+    repeat, lie beyond the model's N blocks (from the sidecar), or whose count differs from the table's M (the
+    sidecar's, else the lowest-ranked row's): such a state removes another number of blocks than was solved for."""
+    def line(i) -> str:
+        return f"{path}, line {int(i) + 2}"   # line 1 is the header
+
+    def numbers(col: str) -> pd.Series:
+        return pd.to_numeric(df[col].replace("", np.nan), errors="coerce").astype(np.float64)
+
+    energy = numbers("energy")
+    bad = np.flatnonzero(~np.isfinite(energy.to_numpy()))
+    if bad.size:
+        raise ValueError(f"{line(bad[0])}: energy {df['energy'].iloc[bad[0]]} is not a finite number "
+                         f"({bad.size} such row(s)); the table is corrupt or edited — rerun `cbo solve`")
+    rank = numbers("rank").to_numpy()
+    bad = np.flatnonzero(~(np.isfinite(rank) & (rank >= 0) & (np.mod(rank, 1) == 0)))
+    if bad.size:
+        raise ValueError(f"{line(bad[0])}: rank {df['rank'].iloc[bad[0]]} is not a whole number 0 or more; "
+                         "ranks are 0 (the lowest energy), 1, 2, … — rerun `cbo solve`")
+    seen: dict[int, int] = {}
+    for i, r in enumerate(rank.astype(np.int64)):
+        if int(r) in seen:
+            raise ValueError(f"{line(i)}: rank {int(r)} repeats that of line {seen[int(r)] + 2}; each state has its "
+                             "own rank — the table is corrupt or edited, rerun `cbo solve`")
+        seen[int(r)] = i
+    seed = numbers("seed").to_numpy()
+    given = df["seed"].astype(str).str.strip().replace("<NA>", "").ne("").to_numpy() & ~df["seed"].isna().to_numpy()
+    bad = np.flatnonzero(given & ~(np.isfinite(seed) & (np.mod(np.nan_to_num(seed), 1) == 0)))
+    if bad.size:
+        raise ValueError(f"{line(bad[0])}: seed {df['seed'].iloc[bad[0]]} is not a whole number (or empty)")
+    for col in ("feasible", "tie"):
+        if df[col].dtype != bool:
+            ok = df[col].astype(str).str.strip().str.lower().isin(["true", "false"]).to_numpy()
+            if not ok.all():
+                i = int(np.flatnonzero(~ok)[0])
+                raise ValueError(f"{line(i)}: {col} {df[col].iloc[i]!r} must be true or false")
+    N = info.get("N") if info else None
+    M = info.get("M") if info else None
+    N = int(N) if isinstance(N, (int, np.integer)) and not isinstance(N, bool) else None
+    M = int(M) if isinstance(M, (int, np.integer)) and not isinstance(M, bool) else None
+    blocks = []
+    for i, text in enumerate(df["removed_blocks"]):
+        try:
+            b = parse_blocks(str(text))
+        except ValueError as exc:
+            raise ValueError(f"{line(i)}: removed_blocks {text!r}: {exc}") from None
+        if any(x < 0 for x in b):
+            raise ValueError(f"{line(i)}: removed_blocks {text!r} has a negative index; blocks are numbered 0..N−1")
+        if len(set(b)) != len(b):
+            raise ValueError(f"{line(i)}: removed_blocks {text!r} names a block more than once")
+        if N is not None and b and max(b) >= N:
+            raise ValueError(f"{line(i)}: removed_blocks {text!r} lies outside the model's blocks 0..{N - 1} (N = {N}, "
+                             f"from {sidecar_path(path).name})")
+        blocks.append(b)
+    order = np.argsort(rank, kind="stable")
+    if M is None:
+        M = len(blocks[int(order[0])])
+        whose = f"the lowest-ranked row's (line {int(order[0]) + 2})"
+    else:
+        whose = f"M of {sidecar_path(path).name}"
+    for i, b in enumerate(blocks):
+        if len(b) != M:
+            raise ValueError(f"{line(i)}: removed_blocks {df['removed_blocks'].iloc[i]!r} removes {len(b)} blocks, "
+                             f"but the table is for M = {M} ({whose}): an infeasible state — the table is corrupt or "
+                             "edited, rerun `cbo solve`")
 
 
 def states_blocks(df: pd.DataFrame) -> list[list[int]]:
