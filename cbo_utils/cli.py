@@ -523,12 +523,12 @@ def _unverified_export(out: Path, source: str, remove) -> bool:
 
 def cmd_verify(args) -> int:
     from cbo_utils.model.load import load_model
-    from cbo_utils.prune.export import verify_export
+    from cbo_utils.prune.export import read_removal_record, verify_export
 
     if not (Path(args.folder) / "removed_blocks.json").is_file():
         raise CLIError(f"{args.folder} is not a folder written by `cbo prune` (no removed_blocks.json)")
+    rec = read_removal_record(args.folder)   # a malformed record: one message naming it, before any model loads
     original, tok = load_model(args.original, dtype="float32", trust_remote_code=args.trust_remote_code)
-    rec = read_json(Path(args.folder) / "removed_blocks.json")
     n = rec.get("num_blocks_original")
     from cbo_utils.model.blocks import model_layers
 
@@ -579,10 +579,12 @@ def cmd_retrain(args) -> int:
                        "BLOCKS (removed from a fresh copy of --teacher)")
     # validation before any work: settings that cannot work (DistillConfig.check names the flag), an NF4 teacher
     # without its GPU and package, a student record of the wrong shape
-    DistillConfig(lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, epochs=args.epochs,
-                  max_steps=args.max_steps, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-                  grad_clip=args.grad_clip, temperature=args.temperature, teacher_dtype=args.teacher_dtype,
-                  student_dtype=args.dtype, save_every=args.save_every, seed=args.seed).check(cli=True)
+    cfg = DistillConfig(lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                        epochs=args.epochs, max_steps=args.max_steps, warmup_steps=args.warmup_steps,
+                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, temperature=args.temperature,
+                        teacher_dtype=args.teacher_dtype, student_dtype=args.dtype, save_every=args.save_every,
+                        seed=args.seed)
+    cfg.check(cli=True)
     if args.teacher_dtype == "nf4":
         import importlib.util
 
@@ -592,10 +594,11 @@ def cmd_retrain(args) -> int:
         if importlib.util.find_spec("bitsandbytes") is None:
             raise CLIError("--teacher-dtype nf4 needs the bitsandbytes package (pip install bitsandbytes); or use "
                            "--teacher-dtype bfloat16")
+    srec = None
     if args.student and (Path(args.student) / "removed_blocks.json").is_file():
         from cbo_utils.prune.export import read_removal_record
 
-        read_removal_record(args.student)   # a malformed record: ValueError naming the file
+        srec = read_removal_record(args.student)   # a malformed record: ValueError naming the file
     from cbo_utils.core.artifacts import claim_folder
 
     out = check_writable(args.out, "folder")
@@ -604,20 +607,12 @@ def cmd_retrain(args) -> int:
         prev = out / "distill_run.json"
         if prev.is_file() and not args.overwrite:
             rec = read_json(prev)
-            if (rec.get("teacher"), rec.get("student")) != (args.teacher, args.student or f"remove {args.remove}") \
-                    and not args.overwrite:
+            if (rec.get("teacher"), rec.get("student")) != (args.teacher, args.student or f"remove {args.remove}"):
                 raise CLIError(f"--out {out} holds a retraining of another model ({rec.get('student')} from "
                                f"{rec.get('teacher')}); choose another --out, or pass --overwrite to start over there")
-    if args.student:
-        srec = Path(args.student) / "removed_blocks.json"
-        if not srec.is_file():
-            raise CLIError(f"--student {args.student} is not a pruned folder written by `cbo prune` (no "
-                           "removed_blocks.json); prune the teacher first, or give --remove BLOCKS")
-    cfg = DistillConfig(lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                        epochs=args.epochs, max_steps=args.max_steps, warmup_steps=args.warmup_steps,
-                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, temperature=args.temperature,
-                        teacher_dtype=args.teacher_dtype, student_dtype=args.dtype, save_every=args.save_every,
-                        seed=args.seed)
+    if args.student and srec is None:
+        raise CLIError(f"--student {args.student} is not a pruned folder written by `cbo prune` (no "
+                       "removed_blocks.json); prune the teacher first, or give --remove BLOCKS")
     teacher, tok = load_teacher(args.teacher, cfg.teacher_dtype, device_map=args.device_map)
     if args.student:
         student, _ = load_model(args.student, dtype=cfg.student_dtype)
@@ -629,7 +624,7 @@ def cmd_retrain(args) -> int:
             teacher.to("cuda")
     data = kd_data(tok, args.data, max_length=args.max_length, heldout_fraction=args.heldout_fraction,
                    packing=args.packing, samples=args.samples, seed=args.seed)
-    src = read_json(Path(args.student) / "removed_blocks.json").get("source_model") if args.student else None
+    src = srec.get("source_model") if srec else None
     from cbo_utils.model.blocks import model_layers
 
     n_teacher, n_student = len(model_layers(teacher)[1]), len(model_layers(student)[1])
@@ -640,8 +635,8 @@ def cmd_retrain(args) -> int:
     if args.student:   # by the weights, not by the class name: the kept blocks are the teacher's
         from cbo_utils.prune.distill import check_student_of_teacher
 
-        removed = read_json(Path(args.student) / "removed_blocks.json").get("removed_blocks", [])
-        check_student_of_teacher(student, teacher, removed, student_name=args.student, teacher_name=args.teacher)
+        check_student_of_teacher(student, teacher, srec["removed_blocks"], student_name=args.student,
+                                 teacher_name=args.teacher)
     claim_folder(out, "retraining", overwrite=args.overwrite)   # checked above; now emptied (--overwrite) or resumed
     from cbo_utils.core.artifacts import write_json
 
@@ -935,10 +930,6 @@ def main(argv: list[str] | None = None) -> int:
 
     tempfiles.install_signal_handlers()   # SIGTERM / SIGHUP clean up like Ctrl-C: no temporary files left behind
     try:
-        if args.command == "verify" and (Path(args.folder) / "removed_blocks.json").is_file():
-            from cbo_utils.prune.export import read_removal_record
-
-            read_removal_record(args.folder)   # a malformed record: one message naming it, before any model loads
         rc = args.func(args)
         sys.stdout.flush()   # a closed pipe shows here, not at the interpreter's exit
         return rc

@@ -195,10 +195,8 @@ def unowned_entries(folder: PathLike, man: Mapping[str, Any] | None = None) -> l
             rel = p.relative_to(folder).as_posix()
             if rel == MANIFEST:
                 continue
-            if tempfiles.owner_of(p) and not p.is_symlink():
-                stem = name.split(f".{tempfiles.TAG}.")[0][1:]
-                if p in tempfiles.clean_stale(r / stem):
-                    continue
+            if tempfiles.remove_if_stale(p):   # a dead cbo process's leftover: removed, not in the way
+                continue
             if rel not in files or not _matches(p, files[rel]):
                 bad.append(rel)
         for d in list(dirs):

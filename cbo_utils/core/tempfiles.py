@@ -165,6 +165,16 @@ def owner_of(p) -> tuple[str, int, str] | None:
     return parts[0], int(parts[1]), parts[2]
 
 
+def remove_if_stale(p) -> bool:
+    """Remove ``p`` when it is a temporary of ours whose owner process on this host is dead; whether it was."""
+    p = Path(p)
+    owner = owner_of(p)
+    if owner is None or p.is_symlink() or owner[0] != _HOST or _alive(owner[1], owner[2]):
+        return False
+    _remove(p)
+    return True
+
+
 def clean_stale(target) -> list[Path]:
     """Remove the temporary siblings of ``target`` that a process on this host left when it died (killed, power
     cut); a live owner's (another run writing the same output now) and other hosts' are kept. Returns what was
@@ -175,13 +185,8 @@ def clean_stale(target) -> list[Path]:
         return gone
     prefix = _prefix(target)
     for p in target.parent.iterdir():
-        if not p.name.startswith(prefix):
-            continue
-        owner = owner_of(p)
-        if owner is None or owner[0] != _HOST or _alive(owner[1], owner[2]):
-            continue
-        _remove(p)
-        gone.append(p)
+        if p.name.startswith(prefix) and remove_if_stale(p):
+            gone.append(p)
     return gone
 
 

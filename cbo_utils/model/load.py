@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -83,24 +84,51 @@ def load_gguf(path, dtype="float32"):
     return model.to(parse_dtype(dtype)).eval(), tok
 
 
-def _check_gguf_file(path: Path, exc: BaseException) -> None:
-    """After ``exc`` while loading the GGUF file ``path``: when the file itself cannot be read (empty, truncated,
-    not GGUF), a ValueError naming it and the remedy; otherwise nothing (the caller re-raises ``exc``: the file is
-    fine, the failure is elsewhere)."""
+def read_gguf(src) -> tuple[Any, str, int]:
+    """A ``GGUFReader`` of ``src`` (the one reader of GGUF metadata: loading and ``cbo prune-files``), checked
+    against what the format needs: the header parses, every tensor's data range lies inside the file,
+    ``general.architecture`` and ``<arch>.block_count`` are present. Returns ``(reader, arch, block_count)``; a cut
+    or foreign file raises ``ValueError`` naming it."""
+    from gguf import GGUFReader
+
+    src = Path(src)
+    redo = "truncated or not a GGUF file — copy or download it again"
     try:
-        import gguf
+        r = GGUFReader(str(src))
+    except OSError:
+        raise
+    except Exception as exc:   # the reader fails with ValueError, IndexError, KeyError … on a cut or foreign file
+        raise ValueError(f"{src} is {redo} ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})") from exc
+    size = src.stat().st_size
+    for t in r.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size or int(t.data.nbytes) != int(t.n_bytes):
+            raise ValueError(f"{src} is {redo} (tensor {t.name} needs bytes {t.data_offset}..{end}, the file has "
+                             f"{size})")
+    try:
+        arch = r.fields["general.architecture"].contents()
+    except (KeyError, ValueError, IndexError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{src} has no readable general.architecture field: not a model GGUF — copy or download "
+                         "it again") from exc
+    field = r.fields.get(f"{arch}.block_count")
+    try:
+        n = int(field.contents()) if field is not None else None
+    except (TypeError, ValueError, IndexError) as exc:
+        raise ValueError(f"{src}: {arch}.block_count is not a number — the file is damaged") from exc
+    if n is None or n <= 0:
+        raise ValueError(f"{src} has no usable {arch}.block_count field ({n}): cannot tell its blocks — copy or "
+                         "download a complete GGUF")
+    return r, arch, n
+
+
+def _check_gguf_file(path: Path, exc: BaseException) -> None:
+    """After ``exc`` while loading the GGUF file ``path``: when the file itself is not a complete GGUF
+    (:func:`read_gguf` refuses it), that ValueError naming it; otherwise nothing (the caller re-raises ``exc``)."""
+    try:
+        import gguf  # noqa: F401
     except ImportError:
         return
-    try:
-        reader = gguf.GGUFReader(str(path))
-        size = path.stat().st_size
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-        problem = None if end <= size else f"its tensors need {end:,} bytes, the file has {size:,}"
-    except Exception as err:  # noqa: BLE001 — whatever the reader trips on, the file is not a complete GGUF file
-        problem = first_line(err)[:120]
-    if problem is not None:
-        raise ValueError(f"{path} is not a complete GGUF file ({problem}); it is truncated or corrupt — copy or "
-                         "download it again") from None
+    read_gguf(path)
 
 
 #: tensors a checkpoint may hold that the model does not use (transformers reports them as unexpected): rotary

@@ -417,15 +417,13 @@ def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch
 def _save_checkpoint(ckpt: Path, accelerator, model, opt, state: dict) -> None:
     """Atomic: written to a temporary folder next to ``ckpt`` (:mod:`cbo_utils.core.tempfiles`; its name shared with
     the other processes), given its own manifest and renamed over the previous checkpoint, which is removed only by
-    that checkpoint's record. ``ckpt``'s parent is claimed as a retraining folder first (never a folder of the
-    user's)."""
+    that checkpoint's record."""
     from accelerate.utils import DistributedType
 
     fsdp = accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
     main = accelerator is None or accelerator.is_main_process
     box = [None]
-    if main:
-        claim_folder(ckpt.parent, "retraining")
+    if main:   # ckpt.parent was claimed as a retraining folder by distill() before anything was written
         tempfiles.clean_stale(ckpt)
         box[0] = str(tempfiles.temp_dir(ckpt))
     if accelerator is not None and accelerator.num_processes > 1:
@@ -713,7 +711,6 @@ def _write_outputs(out_dir: Path, log_rows: list[dict], rec: dict, model, tokeni
     if full_state is not False:
         _save_pretrained_atomic(model, tokenizer, out_dir, rec, full_state)
     else:
-        claim_folder(out_dir, "retraining")
         write_json(out_dir / "retraining.json", rec)
     if read_manifest(out_dir / "checkpoint") is not None:   # only a checkpoint this package wrote, by its record
         remove_owned(out_dir / "checkpoint")
@@ -784,12 +781,11 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 
 
 def _save_pretrained_atomic(model, tokenizer, out_dir: Path, rec: dict, state_dict: dict | None = None) -> None:
-    """The retrained model as a standard folder in ``out_dir`` (a retraining folder cbo owns: files written to a
-    temporary folder first, then moved in — never over a file the folder's record does not list — and recorded;
-    ``retraining.json`` last, so its presence means the folder is complete)."""
+    """The retrained model as a standard folder in ``out_dir`` (the retraining folder distill() claimed: files
+    written to a temporary folder first, then moved in — never over a file the folder's record does not list — and
+    recorded; ``retraining.json`` last, so its presence means the folder is complete)."""
 
-    claim_folder(out_dir, "retraining")
-    tmp = tempfiles.temp_dir(out_dir / "model")
+    tmp = tempfiles.temp_dir(out_dir / "model")   # out_dir: claimed by distill() before anything was written
     try:
         model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:

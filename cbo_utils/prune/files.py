@@ -40,6 +40,7 @@ from cbo_utils.model.blocks import (
     pattern_types,
     remap_layer_fields,
 )
+from cbo_utils.model.load import read_gguf
 from cbo_utils.prune.export import removal_record, source_license, write_model_card
 
 _LAYER_NAME = re.compile(r"^((?:[^.]+\.)*?layers)\.(\d+)\.(.+)$")
@@ -634,44 +635,9 @@ def _copy_other_files(files: Mapping[str, Path], tmp: Path, shards: set[str], ke
 _GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
-def _read_gguf(src: Path):
-    """A ``GGUFReader`` of ``src``, checked against what the format needs: the header parses, every tensor's data
-    range lies inside the file, ``general.architecture`` and ``<arch>.block_count`` are present. Returns
-    ``(reader, arch, block_count)``; a cut or foreign file raises ``ValueError`` naming it."""
-    from gguf import GGUFReader
-
-    redo = "truncated or not a GGUF file — copy or download it again"
-    try:
-        r = GGUFReader(str(src))
-    except OSError:
-        raise
-    except Exception as exc:   # the reader fails with ValueError, IndexError, KeyError … on a cut or foreign file
-        raise ValueError(f"{src} is {redo} ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})") from exc
-    size = src.stat().st_size
-    for t in r.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size or int(t.data.nbytes) != int(t.n_bytes):
-            raise ValueError(f"{src} is {redo} (tensor {t.name} needs bytes {t.data_offset}..{end}, the file has "
-                             f"{size})")
-    try:
-        arch = r.fields["general.architecture"].contents()
-    except (KeyError, ValueError, IndexError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{src} has no readable general.architecture field: not a model GGUF — copy or download "
-                         "it again") from exc
-    field = r.fields.get(f"{arch}.block_count")
-    try:
-        n = int(field.contents()) if field is not None else None
-    except (TypeError, ValueError, IndexError) as exc:
-        raise ValueError(f"{src}: {arch}.block_count is not a number — the file is damaged") from exc
-    if n is None or n <= 0:
-        raise ValueError(f"{src} has no usable {arch}.block_count field ({n}): cannot tell its blocks — copy or "
-                         "download a complete GGUF")
-    return r, arch, n
-
-
 def gguf_layout(path) -> dict[str, Any]:
     """The architecture, block count and tensor count of a GGUF file (metadata only)."""
-    r, arch, n = _read_gguf(Path(path))
+    r, arch, n = read_gguf(Path(path))
     return {"architecture": arch, "block_count": n, "tensors": len(r.tensors), "fields": len(r.fields)}
 
 
@@ -683,10 +649,10 @@ def prune_gguf_file(src, remove, out, *, overwrite: bool = False) -> dict[str, A
     every per-layer metadata array of ``<arch>.*`` (length = block count) filtered, ``leading_dense_block_count``
     recounted; every other field is copied with its type; tensor data (quantised or not) is copied byte for byte.
     Refused before anything is written (``ValueError`` naming the file): a file that cannot be parsed or is shorter
-    than the tensor data its header declares (:func:`_read_gguf`), and one whose ``<arch>.block_count`` claims blocks
-    it holds no ``blk.<i>`` tensors for. (``src`` itself may be a link, e.g. a Hugging Face cache snapshot's: the
-    path the user names is the source; nothing else is read.) Written atomically (a temporary sibling renamed at the
-    end). Returns what was done."""
+    than the tensor data its header declares (:func:`~cbo_utils.model.load.read_gguf`), and one whose
+    ``<arch>.block_count`` claims blocks it holds no ``blk.<i>`` tensors for. (``src`` itself may be a link, e.g. a
+    Hugging Face cache snapshot's: the path the user names is the source; nothing else is read.) Written atomically
+    (a temporary sibling renamed at the end). Returns what was done."""
     from gguf import GGUFValueType, GGUFWriter
 
     src, out = Path(src), Path(out)
@@ -695,7 +661,7 @@ def prune_gguf_file(src, remove, out, *, overwrite: bool = False) -> dict[str, A
     check_output(out, overwrite)
     if out.resolve() == src.resolve():
         raise ValueError("the output must be a new file, not the source GGUF")
-    r, arch, n = _read_gguf(src)
+    r, arch, n = read_gguf(src)
     held = {int(m.group(1)) for t in r.tensors if (m := _GGUF_BLOCK.match(t.name))}
     if not set(range(n)) <= held:
         inside = sorted(held & set(range(n)))
