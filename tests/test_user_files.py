@@ -465,6 +465,11 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZ
        "CBO_DEBUG": "", "PYTHONWARNINGS": "ignore"}
 
 
+def _default_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def export_stopped_after_saving(tmp_path: Path) -> subprocess.Popen:
     """``cbo prune … --out p`` in a subprocess, held inside save_pretrained (a sitecustomize hook) once the partial
     weights are in its temporary folder."""
@@ -479,8 +484,11 @@ def export_stopped_after_saving(tmp_path: Path) -> subprocess.Popen:
         "    time.sleep(60)\n"
         "transformers.PreTrainedModel.save_pretrained = slow\n")
     env = {**ENV, "PYTHONPATH": f"{hook}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
+    # under nohup (or a CI runner that ignores them) SIGHUP/SIGTERM start ignored, and cbo keeps an ignored signal
+    # ignored: give the child the default dispositions a terminal would
     p = subprocess.Popen([sys.executable, "-m", "cbo_utils.cli", "prune", *T, "--remove", "1", "--out", "p"],
-                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=_default_signals)
     for line in p.stdout:
         if line.startswith("SAVED"):
             break
