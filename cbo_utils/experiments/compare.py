@@ -80,7 +80,7 @@ DEFAULTS: dict[str, Any] = {
                   "one_shot_perplexity", "taylor_plus", "sleb", "sliding_window_merging"],
     "random_seeds": [0, 1, 2],
     "variants": list(CBO_VARIANTS), "default": DEFAULT_VARIANT, "exact_hessian_samples": 0,
-    "points_per_sample": 2,
+    "points_per_sample": 2, "pair_table": "screened", "screen_margin": 4,
     "spearman": {"lowest": 30, "random": 20, "variants": ["cbo-paper", "cbo-taylor", "cbo-sd"], "ppl_windows": 8,
                  "zero_shot": None},
     "zero_shot_methods": "all",
@@ -94,7 +94,7 @@ TYPES = {"samples": "posint", "max_tokens": "posint|none", "rerank_samples": "po
          "ppl_windows": "posint", "ppl_seq_len": "posint", "ppl_texts": "list[str]", "bootstrap": "posint",
          "tasks": "list[str]", "limit": "posint|none", "task_source": "str", "baselines": "list[str]",
          "random_seeds": "list[int]", "variants": "list[str]", "default": "str", "exact_hessian_samples": "nonnegint",
-         "points_per_sample": "posint", "spearman": "dict", "zero_shot_methods": "str|list[str]",
+         "points_per_sample": "posint", "pair_table": "str", "screen_margin": "nonnegint", "spearman": "dict", "zero_shot_methods": "str|list[str]",
          "dev_windows": "posint", "finalist_baselines": "nonnegint", "threads": "posint|none",
          "models": "list[str]|none", "M_values": "list[posint]|none"}
 
