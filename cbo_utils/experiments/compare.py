@@ -94,7 +94,8 @@ TYPES = {"samples": "posint", "max_tokens": "posint|none", "rerank_samples": "po
          "ppl_windows": "posint", "ppl_seq_len": "posint", "ppl_texts": "list[str]", "bootstrap": "posint",
          "tasks": "list[str]", "limit": "posint|none", "task_source": "str", "baselines": "list[str]",
          "random_seeds": "list[int]", "variants": "list[str]", "default": "str", "exact_hessian_samples": "nonnegint",
-         "points_per_sample": "posint", "pair_table": "str", "screen_margin": "nonnegint", "spearman": "dict", "zero_shot_methods": "str|list[str]",
+         "points_per_sample": "posint", "pair_table": "str", "screen_margin": "nonnegint", "spearman": "dict",
+         "zero_shot_methods": "str|list[str]",
          "dev_windows": "posint", "finalist_baselines": "nonnegint", "threads": "posint|none",
          "models": "list[str]|none", "M_values": "list[posint]|none"}
 
