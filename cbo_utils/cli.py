@@ -703,8 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gradients", help="per-sample gate gradients A, g, Fisher H (and the exact Hessian)")
     _common_model_args(p)
-    p.add_argument("--calibration", default="embedded",
-                   help="embedded | text:PATH | jsonl:PATH | hf:NAME | openhermes (default: embedded)")
+    p.add_argument("--calibration", default="mix",
+                   help="mix (the default mixture: SciQ chat, SQuAD prose, CoQA stories, MBPP code, GSM8K math) | "
+                        "embedded (SciQ chat only) | text:PATH | jsonl:PATH | hf:NAME | openhermes (default: mix)")
     p.add_argument("--out", required=True, help="output folder (gradients.safetensors + .json sidecar)")
     p.add_argument("--samples", type=_positive, default=128)
     p.add_argument("--max-tokens", type=_positive, default=256, help="tokens per sample (window length)")
@@ -732,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "angular_distance, tail, one_shot_perplexity (ppl), taylor_plus, sleb, sliding_window_merging "
                    "(swm), random")
     p.add_argument("-M", type=_positive, required=True)
-    p.add_argument("--calibration", default="embedded")
+    p.add_argument("--calibration", default="mix", help="mix (default) | embedded | text:PATH | jsonl:PATH | hf:NAME")
     p.add_argument("--samples", type=_positive, default=16)
     p.add_argument("--max-tokens", type=_positive, default=128)
     p.add_argument("--batch-size", type=_positive, default=8)
@@ -838,7 +839,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-M", type=_positive, required=True, help="number of blocks to remove")
     p.add_argument("--out", required=True, help="a new folder (an interrupted run resumes in it)")
     p.add_argument("--method", default="cbo", help="cbo (the default CBO variant) or any method of `cbo baseline`")
-    p.add_argument("--calibration", default="embedded", help="embedded | text:PATH | jsonl:PATH | hf:NAME")
+    p.add_argument("--calibration", default="mix", help="mix (default: the stated mixture of chat, prose, "
+                   "stories, code and math) | embedded (SciQ chat) | text:PATH | jsonl:PATH | hf:NAME")
     p.add_argument("--samples", type=_positive, default=16, help="calibration windows (default 16)")
     p.add_argument("--max-tokens", type=_positive, default=128, help="tokens per window (default 128)")
     p.add_argument("--retrain-steps", type=_nonnegative, default=0,

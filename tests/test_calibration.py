@@ -108,3 +108,63 @@ def test_spec_parsing(tokenizer, tmp_path):
     assert len(load_calibration(f"text:{p}", tokenizer, samples=2, max_tokens=16)) == 2
     with pytest.raises(ValueError, match="cannot read calibration spec"):
         load_calibration("nonsense", tokenizer)
+
+
+# ------------------------------------------------------------------------------------ the mixtures (issue 24)
+def _part_texts(name: str) -> list[str]:
+    from cbo_utils.calibration import MIX_PARTS, mixture_documents
+
+    kind = MIX_PARTS[name][0]
+    return ["\n".join(t["content"] for t in d) if kind == "chat" else d for d in mixture_documents(name)]
+
+
+def _grams(text: str, n: int = 13) -> set[str]:   # independent of calibration.shingles
+    words, cur = [], ""
+    for ch in text.lower() + " ":
+        if ch.isalnum() or ch == "_":
+            cur += ch
+        elif cur:
+            words.append(cur)
+            cur = ""
+    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_mixture_parts_share_no_13_gram_with_the_test_texts_or_each_other():
+    """Calibration (mix), development (dev) and test (BoolQ, LAMBADA passages) are different sources: no document of
+    a mixture part shares a 13-word sequence with a test passage, and no calibration document with a development
+    one (an independent check by word shingles, not by the datasets' names)."""
+    from cbo_utils.calibration import CALIBRATION_MIX, DEVELOPMENT_MIX, lambada_text
+
+    test = set().union(*(_grams(t) for t in heldout_text() + lambada_text()))
+    grams = {}
+    for part in CALIBRATION_MIX + DEVELOPMENT_MIX:
+        docs = _part_texts(part)
+        assert len(docs) >= 100, part
+        grams[part] = set().union(*(_grams(d) for d in docs))
+        assert not grams[part] & test, part
+    cal = set().union(*(grams[p] for p in CALIBRATION_MIX))
+    dev = set().union(*(grams[p] for p in DEVELOPMENT_MIX))
+    assert not cal & dev
+
+
+def test_mixture_windows_are_exact_interleaved_and_deterministic(tokenizer):
+    from cbo_utils.calibration import CALIBRATION_MIX, mixture, mixture_windows
+
+    a = mixture(tokenizer, "mix", samples=12, max_tokens=96)
+    assert len(a) == 12 and all(s["input_ids"].numel() == 96 for s in a)
+    assert a.sha256 == mixture(tokenizer, "mix", samples=12, max_tokens=96).sha256
+    assert a.recipe["windows_per_part"] == {"sciq": 3, "squad": 3, "coqa-mctest": 2, "mbpp": 2, "gsm8k": 2}
+    # window k comes from part k mod 5: each window's first tokens are found in that part's packed stream only
+    for k, part in enumerate(CALIBRATION_MIX):
+        one = mixture(tokenizer, "mix", samples=5, max_tokens=96)[k]["input_ids"]
+        assert torch.equal(one, a[k]["input_ids"]), part
+    text = [tokenizer.decode(s["input_ids"]) for s in a]
+    assert "<|im_start|>assistant" in text[0] and "<|im_start|>" not in text[1]   # SciQ chat, SQuAD prose
+    assert "def " in text[3] or "return" in text[3]                               # MBPP code
+    assert load_calibration("mix", tokenizer, samples=12, max_tokens=96).sha256 == a.sha256
+    w = mixture_windows(tokenizer, "dev", 8, 64)
+    assert w.shape == (8, 64) and w.dtype == torch.long
+    with pytest.raises(ValueError, match="unknown mixture"):
+        mixture(tokenizer, "nope")
+    with pytest.raises(ValueError, match="samples"):
+        mixture(tokenizer, "dev", samples=4000, max_tokens=256)

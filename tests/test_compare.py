@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cbo_utils.calibration import embedded, heldout_text
+from cbo_utils.calibration import heldout_text, load_calibration
 from cbo_utils.core.artifacts import parse_blocks
 from cbo_utils.core.profiles import load_profile
 from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
@@ -40,7 +40,7 @@ def test_tables_have_every_method(run):
     finalists = set(dev["finalists"]["tiny-llama"]["2"])
     for method in want | {"dense"}:
         got = ev[(ev["method"] == method) & (ev["task"] != "efficiency")]
-        assert {"heldout_ppl", "heldout_ppl_lambada", "dev_ppl_sciq"} <= set(got["task"]), method
+        assert {"heldout_ppl", "heldout_ppl_lambada", compare.dev_task(s)} <= set(got["task"]), method
         assert ({"arc_easy", "piqa"} <= set(got["task"])) == (method in finalists | {"dense"}), method
     acc = ev[(ev["task"] == "piqa") & (ev["metric"] == "acc")]
     assert acc["value"].between(0, 1).all() and (acc["limit"] == 4).all() and (acc["n"] == 4).all()
@@ -50,11 +50,13 @@ def test_tables_have_every_method(run):
 
 
 def test_development_rule_picks_the_lowest_development_perplexity(run):
-    """default: dev — the CBO variant of lowest mean log development perplexity (SciQ held-out windows), recomputed
-    here from evaluations.csv; the finalists are the 2 baselines of lowest development perplexity and the default."""
+    """default: dev — the CBO variant of lowest mean log development perplexity (the development mixture),
+    recomputed here from evaluations.csv; the finalists are the 2 baselines of lowest development perplexity and the
+    default."""
     ev = pd.read_csv(run / "evaluations.csv")
-    dv = ev[ev["task"] == "dev_ppl_sciq"]
     s = compare.compare_settings(load_profile("tiny"))
+    assert compare.dev_task(s) == "dev_ppl_mix"
+    dv = ev[ev["task"] == compare.dev_task(s)]
     score = {v: np.log(dv[dv["method"] == v]["value"]).mean() for v in s["variants"] if (dv["method"] == v).any()}
     dev = json.loads((run / "development.json").read_text())
     assert dev["default"]["tiny-llama"] == min(score, key=score.get)
@@ -100,7 +102,7 @@ def test_rerank_picks_lowest_heldout_loss(run):
     """The re-ranked variant's pick has the lowest held-out calibration loss among the K states it saw."""
     model, tok = build_tiny("tiny-llama")
     sel = pd.read_csv(run / "selections.csv")
-    calib = embedded(tok, samples=8, max_tokens=64)
+    calib = load_calibration(load_profile("tiny")["calibration"], tok, samples=8, max_tokens=64)
     held = calib.samples[6:]
     states = pd.read_csv(run / "tiny-llama" / "compare" / "states_cbo-sd-rerank_M2.csv")
     scores = [calibration_nll(model, held, removed=parse_blocks(b)) for b in states["removed_blocks"].head(20)]
@@ -253,5 +255,49 @@ def test_dev_test_agreement_against_a_table_built_by_hand(tmp_path):
     assert agree.loc[2, "rho_heldout_ppl"] == pytest.approx(1.0) and agree.loc[2, "best_on_heldout_ppl"] == "a"
     assert agree.loc[3, "rho_heldout_ppl"] == pytest.approx(-1.0) and agree.loc[3, "best_on_heldout_ppl"] == "d"
     assert agree.loc[3, "rho_heldout_ppl_lambada"] == pytest.approx(1.0)
-    s = compare.compare_settings(load_profile("tiny"))
+    s = {**compare.compare_settings(load_profile("tiny")), "dev_source": "sciq"}
     assert "## Development vs test" in compare.write_report(tmp_path, "tiny", s).read_text()
+
+
+def _dev_tables(tmp_path, nll: dict, tokens: int = 63):
+    """selections.csv rows and development_windows.csv for variants with per-(M, window) NLL arrays."""
+    sels, rows = [], []
+    for v, arr in nll.items():
+        for j, M in enumerate((2, 3)):
+            blocks = f"{v}-{M}"   # any distinct key per selection
+            sels.append({"model": "x", "method": v, "M": M, "removed_blocks": blocks})
+            rows += [{"model": "x", "M": M, "removed_blocks": blocks, "task": "dev_ppl_mix", "window": w,
+                      "nll": float(arr[w, j]), "tokens": tokens} for w in range(arr.shape[0])]
+    pd.DataFrame(rows).to_csv(tmp_path / compare.DEVELOPMENT_WINDOWS, index=False)
+    return pd.DataFrame(sels)
+
+
+def test_development_rule_tie_goes_to_the_preferred_variant(tmp_path):
+    """The vote: the lowest mean over M of log development perplexity, recomputed by hand; a lead over dev_prefer
+    whose paired interval includes 0 is a tie (the preferred variant is taken), a lead far outside noise is real."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(150, 250, size=(32, 2))          # windows × M, shared difficulty
+    noise = lambda: rng.normal(0, 3.0, size=(32, 2))    # noqa: E731
+    s = {**compare.compare_settings(load_profile("tiny")), "variants": ["cbo-a", "cbo-b", "cbo-c"],
+         "dev_prefer": "cbo-b", "default": "dev", "bootstrap": 500}
+    nll = {"cbo-b": base + noise(), "cbo-c": base + 40.0}
+    nll["cbo-a"] = nll["cbo-b"] - 0.05 + noise()
+    sels = _dev_tables(tmp_path, nll)
+    r = compare.development_rule(tmp_path, "x", sels, s)
+    want = {v: float(np.mean([a[:, j].sum() / (63 * 32) for j in range(2)])) for v, a in nll.items()}
+    assert r["scores"] == pytest.approx(want, rel=1e-12)
+    assert r["best"] == min(want, key=want.get) == "cbo-a"   # a lead of 0.05 nats per window: within noise
+    assert r["lead"]["lo"] <= 0 <= r["lead"]["hi"] and r["default"] == "cbo-b" and "tie" in r["reason"]
+    nll["cbo-a"] = base - 30.0                          # a lead of ~0.15 nats per token on every window: real
+    r = compare.development_rule(tmp_path, "x", _dev_tables(tmp_path, nll), s)
+    assert r["best"] == r["default"] == "cbo-a" and r["lead"]["hi"] < 0 and "real" in r["reason"]
+    r = compare.development_rule(tmp_path, "x", sels, {**s, "dev_prefer": None})
+    assert r["default"] == r["best"]
+
+
+def test_dev_settings_are_checked():
+    cfg = load_profile("tiny")
+    with pytest.raises(ValueError, match="dev_source"):
+        compare.compare_settings({**cfg, "compare": {**cfg["compare"], "dev_source": "wiki"}})
+    with pytest.raises(ValueError, match="dev_prefer"):
+        compare.compare_settings({**cfg, "compare": {**cfg["compare"], "dev_prefer": "cbo-nope"}})

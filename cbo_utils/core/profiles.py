@@ -162,14 +162,16 @@ PROFILE_CHOICES: dict[str, tuple[str, ...]] = {
     "energy": ("fisher", "taylor"),
     "dtype": ("float32", "bfloat16", "float16"),
     "device_map": ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "mps", "cuda", "cuda:"),
-    "calibration": ("embedded", "openhermes", "text:", "jsonl:", "hf:", "*.txt", "*.jsonl", "*.json"),
+    "calibration": ("mix", "dev", "embedded", "openhermes", "text:", "jsonl:", "hf:", "*.txt", "*.jsonl", "*.json"),
     "compare.task_source": ("offline", "builtin"),
     "compare.ppl_texts": ("boolq", "lambada"),
+    "compare.dev_source": ("mix", "sciq"),
+    "compare.pair_table": ("screened", "full"),
     "retrain.data.source": ("embedded", "openhermes", "jsonl:"),
     "retrain.train.teacher_dtype": ("bfloat16", "float16", "float32", "nf4"),   # = DistillConfig.TEACHER_DTYPES
     "retrain.train.student_dtype": ("float32", "bfloat16", "float16"),          # = DistillConfig.STUDENT_DTYPES
     "hybrid.energy": ("fisher", "taylor"),
-    "hybrid.calibration": ("embedded", "openhermes", "text:", "jsonl:", "hf:", "*.txt", "*.jsonl", "*.json"),
+    "hybrid.calibration": ("mix", "embedded", "openhermes", "text:", "jsonl:", "hf:", "*.txt", "*.jsonl", "*.json"),
     "hybrid.eval_source": ("sciq", "boolq"),
     "hybrid.reasoning_source": ("builtin", "offline"),
     "hybrid.reasoning_dtype": ("float32", "bfloat16", "float16"),

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cbo_utils.calibration import EVAL_TEXTS, embedded, heldout_text, load_calibration
+from cbo_utils.calibration import EVAL_TEXTS, embedded, heldout_text, load_calibration, mixture_windows
 from cbo_utils.core.artifacts import atomic_write_text, format_blocks, parse_blocks, read_json, write_json
 from cbo_utils.core.profiles import check_keys, check_types, m_values, profile_with, results_dir, slug
 from cbo_utils.core.tables import add_evaluations, add_selections, key_text, markdown_table, upsert_rows
@@ -53,7 +53,7 @@ from cbo_utils.evaluate.measure import (
     reuse_measurements,
 )
 from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
-from cbo_utils.evaluate.statistics import paired_log_ratio
+from cbo_utils.evaluate.statistics import paired_log_ratio, paired_mean_log_ppl
 from cbo_utils.model.blocks import num_blocks
 from cbo_utils.model.load import load_model
 from cbo_utils.problem.ising import energies
@@ -84,7 +84,7 @@ DEFAULTS: dict[str, Any] = {
     "spearman": {"lowest": 30, "random": 20, "variants": ["cbo-paper", "cbo-taylor", "cbo-sd"], "ppl_windows": 8,
                  "zero_shot": None},
     "zero_shot_methods": "all",
-    "dev_windows": 16, "finalist_baselines": 3,
+    "dev_windows": 16, "dev_source": "mix", "dev_prefer": None, "finalist_baselines": 3,
     "threads": None, "models": None, "M_values": None,
 }
 
@@ -96,7 +96,8 @@ TYPES = {"samples": "posint", "max_tokens": "posint|none", "rerank_samples": "po
          "random_seeds": "list[int]", "variants": "list[str]", "default": "str", "exact_hessian_samples": "nonnegint",
          "points_per_sample": "posint", "pair_table": "str", "screen_margin": "nonnegint", "spearman": "dict",
          "zero_shot_methods": "str|list[str]",
-         "dev_windows": "posint", "finalist_baselines": "nonnegint", "threads": "posint|none",
+         "dev_windows": "posint", "dev_source": "str", "dev_prefer": "str|none",
+         "finalist_baselines": "nonnegint", "threads": "posint|none",
          "models": "list[str]|none", "M_values": "list[posint]|none"}
 
 
@@ -120,6 +121,12 @@ def compare_settings(cfg: dict) -> dict:
     if s["default"] != "dev" and s["default"] not in s["variants"]:
         raise ValueError(f"the default variant {s['default']!r} must be one of the profile's variants, or 'dev' (the "
                          "variant with the lowest development perplexity, chosen by the develop stage)")
+    if s["dev_source"] not in DEV_SOURCES:
+        raise ValueError(f"compare.dev_source {s['dev_source']!r} is not a development source; choose one of "
+                         f"{sorted(DEV_SOURCES)}")
+    if s["dev_prefer"] is not None and s["dev_prefer"] not in s["variants"]:
+        raise ValueError(f"compare.dev_prefer {s['dev_prefer']!r} must be one of the profile's variants "
+                         f"{s['variants']} (the variant a tied development vote takes), or null")
     zs = s["zero_shot_methods"]
     if not (zs in ("all", "finalists") or isinstance(zs, list)):
         raise ValueError(f"compare.zero_shot_methods must be 'all', 'finalists' or a list of methods, got {zs!r}")
@@ -206,7 +213,7 @@ def run_compare(profile: str, results: Path | None = None, models: Sequence[str]
         del model
     path = results / "comparison.md"
     if "report" in stages:
-        path = write_report(results, cfg["profile"], s)
+        path = write_report(results, cfg["profile"], s, cfg.get("calibration", ""))
     return path
 
 
@@ -266,38 +273,64 @@ def _state_label(row) -> str:
 
 
 DEVELOPMENT_FILE = "development.json"
+DEVELOPMENT_WINDOWS = "development_windows.csv"
+#: the development sources: name → what it is (``compare.dev_source``)
+DEV_SOURCES = {"mix": "the development mixture (DROP prose, CoQA/Gutenberg literature, MATH, HumanEval): neither "
+                      "calibration nor test", "sciq": "SciQ held-out pool (the calibration's own domain)"}
+
+
+def dev_task(s: dict) -> str:
+    """The evaluations-table task of the development perplexity (``dev_ppl_mix``, ``dev_ppl_sciq``)."""
+    return f"dev_ppl_{s['dev_source']}"
+
+
+def _dev_windows(tok, s: dict) -> torch.Tensor:
+    if s["dev_source"] == "mix":
+        return mixture_windows(tok, "dev", s["dev_windows"], s["ppl_seq_len"])
+    dev = embedded(tok, samples=s["dev_windows"], max_tokens=s["ppl_seq_len"], split="heldout")
+    return torch.stack([smp["input_ids"] for smp in dev.samples])
 
 
 def _run_development(model, tok, sels: pd.DataFrame, s: dict, results: Path, model_name: str, progress) -> None:
-    """Development data, never test data: perplexity of every selection on SciQ held-out windows (the pool disjoint
-    from the calibration windows and from every test text), then the rules fixed in the profile — the default CBO
-    variant (``default: dev``: the CBO variant with the lowest mean log development perplexity over the M values)
-    and the zero-shot finalists (dense, the ``finalist_baselines`` baselines of lowest development perplexity at each
-    M, and the default) — written to ``development.json`` before any test evaluation."""
-    dev = embedded(tok, samples=s["dev_windows"], max_tokens=s["ppl_seq_len"], split="heldout")
-    windows = torch.stack([smp["input_ids"] for smp in dev.samples])
+    """Development data, never test data: the perplexity of every selection on the development windows
+    (``dev_source``: by default the development mixture, a source that is neither calibration nor test), each
+    window's NLL kept (``development_windows.csv``), then the rules fixed in the profile — the default CBO variant
+    (:func:`development_rule`) and the zero-shot finalists (dense, the ``finalist_baselines`` baselines of lowest
+    development perplexity at each M, and the default) — written to ``development.json`` before any test
+    evaluation."""
+    task = dev_task(s)
+    windows = _dev_windows(tok, s)
+    wtable = results / DEVELOPMENT_WINDOWS
     rows = [{"method": "dense", "M": 0, "removed_blocks": "", "seed": 0}] + sels.to_dict("records")
     for row in rows:
         label = "selected" if row["method"] == "dense" else _state_label(row)
         key = {"model": model_name, "method": row["method"], "M": int(row["M"]), "state": label}
-        if len(done_rows(results / "evaluations.csv", **key, retrained=False, task="dev_ppl_sciq")):
+        blocks = row.get("removed_blocks", "") if row["method"] != "dense" else ""
+        if len(done_rows(results / "evaluations.csv", **key, retrained=False, task=task)):
             continue
-        if row["method"] != "dense" and not reuse_measurements(results, key, row.get("removed_blocks", ""), False,
-                                                                ["dev_ppl_sciq"]):
-            continue   # another method removed the same blocks: its number copied
-        m, removed = evaluation_model(model, row) if row["method"] != "dense" else (model, None)
-        p = perplexity(m, windows, removed=removed or None)
-        add_evaluations(results, [{**key, "retrained": False, "removed_blocks": row.get("removed_blocks", ""),
-                                   "task": "dev_ppl_sciq", "metric": "perplexity", "value": p["perplexity"],
-                                   "stderr": None, "n": p["tokens"], "limit": None, "lm_eval_version": None,
-                                   "split": "SciQ held-out pool (development)"}])
-        del m
-    ev = done_rows(results / "evaluations.csv", model=model_name, retrained=False, task="dev_ppl_sciq")
+        same = done_rows(wtable, model=model_name, M=int(row["M"]), task=task)
+        same = same[same["removed_blocks"].map(key_text) == key_text(blocks)] if len(same) else same
+        if len(same) >= len(windows):   # another method removed the same blocks: its windows are this one's
+            nll = same.sort_values("window")["nll"].astype(float).tolist()[:len(windows)]
+            tok_w = int(same["tokens"].iloc[0])
+        else:
+            m, removed = evaluation_model(model, row) if row["method"] != "dense" else (model, None)
+            p = perplexity(m, windows, removed=removed or None)
+            nll, tok_w = p["window_nll"], p["window_tokens"]
+            upsert_rows(wtable, [{"model": model_name, "M": int(row["M"]), "removed_blocks": blocks, "task": task,
+                                  "window": i, "nll": v, "tokens": tok_w} for i, v in enumerate(nll)],
+                        ["model", "M", "removed_blocks", "task", "window", "nll", "tokens"],
+                        ["model", "M", "removed_blocks", "task", "window"], float_format="%.17g")
+            del m
+        add_evaluations(results, [{**key, "retrained": False, "removed_blocks": blocks, "task": task,
+                                   "metric": "perplexity", "value": math.exp(sum(nll) / (tok_w * len(nll))),
+                                   "stderr": None, "n": tok_w * len(nll), "limit": None, "lm_eval_version": None,
+                                   "split": DEV_SOURCES[s["dev_source"]]}])
+    ev = done_rows(results / "evaluations.csv", model=model_name, retrained=False, task=task)
     ev = ev[ev["state"] == "selected"]
     logp = ev.assign(lp=np.log(ev["value"].astype(float))).groupby(["method", "M"])["lp"].mean()
-    cbo = [v for v in s["variants"] if any(m == v for m, _ in logp.index)]
-    dev_score = {v: float(logp[v].mean()) for v in cbo}
-    default = min(dev_score, key=dev_score.get) if s["default"] == "dev" and dev_score else s["default"]
+    rule = development_rule(results, model_name, sels, s)
+    default = rule["default"]
     finalists = {}
     for M in sorted({int(m) for _, m in logp.index if int(m) > 0}):
         base = {m: float(v) for (m, mm), v in logp.items() if int(mm) == M and not str(m).startswith("cbo")
@@ -306,14 +339,69 @@ def _run_development(model, tok, sels: pd.DataFrame, s: dict, results: Path, mod
     path = results / DEVELOPMENT_FILE
     rec = read_json(path) if path.is_file() else {}
     rec.setdefault("default", {})[model_name] = default
-    rec.setdefault("dev_log_ppl", {})[model_name] = dev_score
+    rec.setdefault("dev_log_ppl", {})[model_name] = rule["scores"]
+    rec.setdefault("vote", {})[model_name] = {k: v for k, v in rule.items() if k not in ("default", "scores")}
     rec.setdefault("finalists", {})[model_name] = finalists
-    rec["rule"] = ("default: the CBO variant with the lowest mean over M of log perplexity on SciQ held-out windows "
-                   f"({s['dev_windows']} × {s['ppl_seq_len']} tokens); finalists: the {s['finalist_baselines']} "
-                   "baselines of lowest development perplexity at each M, and the default")
+    rec["source"] = DEV_SOURCES[s["dev_source"]]
+    rec["rule"] = (f"default: the CBO variant with the lowest mean over M of log perplexity on the development "
+                   f"windows ({s['dev_windows']} × {s['ppl_seq_len']} tokens, {s['dev_source']})"
+                   + (f"; when the interval of its lead over {s['dev_prefer']} (paired bootstrap over the windows, "
+                      f"95 %, {s['bootstrap']} draws) includes 0, the vote is a tie and {s['dev_prefer']} (it "
+                      "measures real M-sets) is taken" if s["dev_prefer"] else "")
+                   + f"; finalists: the {s['finalist_baselines']} baselines of lowest development perplexity at "
+                     "each M, and the default")
     write_json(path, rec)
     if progress:
-        print(f"  [{model_name}] development: default {default}; finalists {finalists}", flush=True)
+        print(f"  [{model_name}] development: default {default} ({rule['reason']}); finalists {finalists}",
+              flush=True)
+
+
+def development_rule(results: Path, model_name: str, sels: pd.DataFrame, s: dict) -> dict:
+    """The default CBO variant by the profile's rule, from the development windows: each variant's score is the mean
+    over M of its log development perplexity; ``default: dev`` takes the lowest, except that with ``dev_prefer``
+    set, a lead over ``dev_prefer`` whose paired 95 % bootstrap interval (over windows, :func:`paired_mean_log_ppl`)
+    includes 0 is a tie and ``dev_prefer`` is taken. Returns ``default``, ``scores``, ``best``, ``reason`` and (when
+    the preference was weighed) ``lead`` — the best's score minus the preferred one's, with its interval."""
+    task = dev_task(s)
+    w = done_rows(results / DEVELOPMENT_WINDOWS, model=model_name, task=task)
+    Ms = sorted({int(m) for m in sels["M"]})
+    mats: dict[str, np.ndarray] = {}
+    tokens = None
+    for v in s["variants"]:
+        cols = []
+        for M in Ms:
+            r = sels[(sels["method"] == v) & (sels["M"] == M)]
+            if not len(r) or not len(w):
+                break
+            sub = w[(w["M"] == M) & (w["removed_blocks"].map(key_text) == key_text(r["removed_blocks"].iloc[0]))]
+            if not len(sub):
+                break
+            sub = sub.sort_values("window")
+            cols.append(sub["nll"].astype(float).to_numpy())
+            tokens = float(sub["tokens"].iloc[0])
+        if len(cols) == len(Ms) and len({len(c) for c in cols}) == 1:
+            mats[v] = np.stack(cols, axis=1)
+    if s["default"] != "dev":
+        return {"default": s["default"], "scores": {}, "best": None, "reason": "fixed in the profile"}
+    if not mats:
+        raise ValueError("no CBO variant has development measurements at every M: run the select and develop stages")
+    scores = {v: float((a.sum(0) / (tokens * a.shape[0])).mean()) for v, a in mats.items()}
+    best = min(scores, key=scores.get)
+    out = {"scores": scores, "best": best, "default": best, "reason": "lowest development score"}
+    prefer = s.get("dev_prefer")
+    if prefer and prefer != best and prefer in mats:
+        lead = paired_mean_log_ppl(mats[best], mats[prefer], tokens, n_boot=int(s["bootstrap"]))
+        out["lead"] = {"over": prefer, "difference": lead["difference"], "lo": lead["lo"], "hi": lead["hi"],
+                       "windows": lead["windows"]}
+        if not lead["separated"]:
+            out.update(default=prefer, reason=f"tie: {best}'s lead {lead['difference']:+.4f} "
+                                              f"[{lead['lo']:+.4f}, {lead['hi']:+.4f}] includes 0, so {prefer}")
+        else:
+            out["reason"] = (f"lowest development score; its lead over {prefer} {lead['difference']:+.4f} "
+                             f"[{lead['lo']:+.4f}, {lead['hi']:+.4f}] is real")
+    elif prefer and prefer == best:
+        out["reason"] = f"lowest development score (it is also the preferred {prefer})"
+    return out
 
 
 def default_variant(results: Path, s: dict, model: str | None = None) -> str:
@@ -577,7 +665,7 @@ def paired_table(results: Path, n_boot: int = 2000, seed: int = 0, retrained: bo
         if rows else pd.DataFrame()
 
 
-def dev_test_agreement(results: Path, max_ppl: float = 1e3) -> pd.DataFrame:
+def dev_test_agreement(results: Path, max_ppl: float = 1e3, s: dict | None = None) -> pd.DataFrame:
     """How well the development data predicts the test texts: per model and M, Spearman ρ across methods between
     the log development perplexity and each held-out text's log perplexity (selections without retraining; methods
     whose development perplexity exceeds ``max_ppl`` are left out, so the broken ones do not make ρ look good), and
@@ -589,19 +677,21 @@ def dev_test_agreement(results: Path, max_ppl: float = 1e3) -> pd.DataFrame:
     ev = pd.read_csv(path)
     ev = ev[~ev["retrained"].astype(str).str.lower().eq("true") & (ev["M"] > 0)]
     texts = sorted(t for t in ev["task"].astype(str).unique() if t.startswith("heldout_ppl"))
-    piv = ev[ev["task"].isin(["dev_ppl_sciq", *texts])].pivot_table(
+    dev = dev_task(s) if s else next((t for t in sorted(ev["task"].astype(str).unique()) if t.startswith("dev_ppl")),
+                                     "dev_ppl_sciq")
+    piv = ev[ev["task"].isin([dev, *texts])].pivot_table(
         index=["model", "M", "method"], columns="task", values="value", aggfunc="first")
-    if "dev_ppl_sciq" not in piv or not texts:
+    if dev not in piv or not texts:
         return pd.DataFrame()
     rows = []
     for (model, M), grp in piv.groupby(level=["model", "M"]):
         g = grp.droplevel(["model", "M"])
-        g = g[g["dev_ppl_sciq"] <= max_ppl].dropna()
+        g = g[g[dev] <= max_ppl].dropna()
         if len(g) < 3:
             continue
-        row = {"model": model, "M": int(M), "methods": len(g), "best_on_dev": g["dev_ppl_sciq"].idxmin()}
+        row = {"model": model, "M": int(M), "methods": len(g), "best_on_dev": g[dev].idxmin()}
         for t in texts:
-            row[f"rho_{t}"] = spearman(np.log(g["dev_ppl_sciq"].to_numpy()), np.log(g[t].to_numpy()))
+            row[f"rho_{t}"] = spearman(np.log(g[dev].to_numpy()), np.log(g[t].to_numpy()))
             row[f"best_on_{t}"] = g[t].idxmin()
         rows.append(row)
     return pd.DataFrame(rows)
@@ -619,7 +709,7 @@ def paired_sections(paired: pd.DataFrame, reference: str, columns: Sequence[str]
     return lines
 
 
-def write_report(results: Path, profile: str, s: dict) -> Path:
+def write_report(results: Path, profile: str, s: dict, calibration: str = "") -> Path:
 
     lines = [f"# Comparison — profile `{profile}`", "",
              f"Generated by `python -m cbo_utils.experiments.compare --profile {profile}` from `evaluations.csv` and "
@@ -631,8 +721,18 @@ def write_report(results: Path, profile: str, s: dict) -> Path:
              f"{s['samples']} windows × {s['max_tokens']} tokens for every method (CBO re-ranking variants take "
              f"gradients on the first {s['samples'] - s['rerank_samples']} and re-rank on the last "
              f"{s['rerank_samples']}). Default CBO variant: `{default_variant(results, s)}`"
-             + (" (chosen by the rule on development data: the lowest mean log-perplexity over M on SciQ held-out "
-                "windows, `development.json`)" if s["default"] == "dev" else "") + ".", ""]
+             + (" (chosen by the rule on development data, `development.json`: the lowest mean log-perplexity over "
+                f"M on {DEV_SOURCES[s['dev_source']]}"
+                + (f"; a tie with {s['dev_prefer']} goes to {s['dev_prefer']}" if s["dev_prefer"] else "") + ")"
+                if s["default"] == "dev" else "") + f". Calibration recipe: `{calibration}`.", ""]
+    vote = read_json(results / DEVELOPMENT_FILE) if (results / DEVELOPMENT_FILE).is_file() else {}
+    for model, scores in (vote.get("dev_log_ppl") or {}).items():
+        v = (vote.get("vote") or {}).get(model, {})
+        lines += [f"## Development vote ({model})", "", "Mean over M of log development perplexity per CBO variant "
+                  "(lower is better); the rule's choice and why.", "",
+                  markdown_table(pd.DataFrame([{"variant": k, "score": round(x, 5)} for k, x in
+                                               sorted(scores.items(), key=lambda kv: kv[1])])), "",
+                  f"Chosen: **{vote.get('default', {}).get(model)}** — {v.get('reason', '')}.", ""]
     if (results / "evaluations.csv").is_file():
         tab = comparison_table(results, s["tasks"], s["limit"])
         for (model, M), grp in tab.groupby(["model", "M"]):
@@ -652,11 +752,11 @@ def write_report(results: Path, profile: str, s: dict) -> Path:
                   f"interval over windows ({int(s.get('bootstrap', 2000))} draws); **real** = the interval excludes 1.",
                   ""]
         lines += paired_sections(paired, "best baseline", ["method", "state"])
-    agree = dev_test_agreement(results)
+    agree = dev_test_agreement(results, s=s)
     if len(agree):
         lines += ["## Development vs test", "",
-                  "Spearman ρ across methods between log development perplexity (SciQ held-out windows, the domain "
-                  "of the calibration) and log perplexity on each held-out text, per M (methods with a development "
+                  f"Spearman ρ across methods between log development perplexity ({DEV_SOURCES[s['dev_source']]}) "
+                  "and log perplexity on each held-out text, per M (methods with a development "
                   "perplexity above 1,000 left out), and the method each ranks first.", "",
                   markdown_table(agree), ""]
     if (results / "evaluations.csv").is_file():

@@ -108,7 +108,7 @@ def _measure(model, windows: torch.Tensor) -> dict[str, Any]:
             "perplexity": ppl["perplexity"], **speed}
 
 
-def compress(model: str, M: int, out, *, method: str = "cbo", calibration: str = "embedded", samples: int = 16,
+def compress(model: str, M: int, out, *, method: str = "cbo", calibration: str = "mix", samples: int = 16,
              max_tokens: int = 128, retrain_steps: int = 0, dtype: str = "float32", device_map=None,
              gguf: bool = False, seed: int = 0, progress: bool = True, echo=print) -> dict[str, Any]:
     """Compress ``model`` (a local folder, Hub id, GGUF file, ``smollm2`` or a tiny model name) by removing ``M``
