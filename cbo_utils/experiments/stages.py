@@ -49,7 +49,7 @@ def _fresh(artifact: Path, inputs: Sequence[Path], params: dict | None = None) -
 
 
 # ------------------------------------------------------------------------------------------------ 01
-def estimate_hessian(model: str, results_dir, *, calibration: str = "embedded", samples: int = 128,
+def estimate_hessian(model: str, results_dir, *, calibration: str = "mix", samples: int = 128,
                      max_tokens: int | None = 256, dtype: str = "float32", exact_hessian_samples: int = 0,
                      seed: int = 0, device_map=None, force: bool = False, progress: bool = True) -> Path:
     """Per-sample gate gradients A (m × N), their mean g and the Fisher H = AᵀA/m (method §1, Eq. of the paper's
