@@ -13,12 +13,22 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # the paper profile needs the Hub; the others never touch it
 OFFLINE_IF_LOCAL := $(if $(filter paper,$(PROFILE)),,$(OFFLINE))
 
-.PHONY: help venv test test-fast lint bench gpu-check reproduce figures pipeline check-profile compare retrain hybrid solver-table clean-results
+# Where the run verbs (reproduce, figures, pipeline, compare, retrain, hybrid) write: a run folder, apart from the
+# committed reference results/$(PROFILE)/ (and figures/$(PROFILE)/). RUN=results/$(PROFILE) regenerates the reference.
+RUN ?= runs/$(PROFILE)
+REFERENCE := results/$(PROFILE)
+override RUN := $(patsubst %/,%,$(RUN))
+IS_REFERENCE := $(filter $(abspath $(REFERENCE)),$(abspath $(RUN)))
+FIGURES := $(if $(IS_REFERENCE),figures/$(PROFILE),$(RUN)/figures)
+
+.PHONY: help venv test test-fast lint bench gpu-check reproduce figures pipeline check-profile compare retrain hybrid \
+	solver-table clean-results clean-runs
 
 help:  ## list the verbs
 	@echo "cbo_utils — block removal by constrained binary optimisation"
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 	@echo "  PROFILE=tiny|mini|paper selects the profile for 'make reproduce' (now: $(PROFILE))"
+	@echo "  RUN=DIR selects the run folder the run verbs write (now: $(RUN)); RUN=$(REFERENCE) regenerates the reference"
 
 venv: $(STAMP)  ## create .venv (torch first, then the pinned stack, the embedded model and data)
 
@@ -45,10 +55,10 @@ gpu-check: venv  ## the GPU checks in one short run (< 8 min on one GPU): CUDA t
 bench: venv  ## enumeration benchmark: states/s against a naive implementation, side by side
 	$(VPY) benchmarks/bench_enumeration.py --N 32 --M 8 --k 100
 
-# ---- the notebook graph: results/$(PROFILE)/graph.mk (generated from the profile) holds one file rule per
+# ---- the notebook graph: $(RUN)/graph.mk (generated from the profile and the run folder) holds one file rule per
 # notebook run, with every prerequisite (notebook, profile, library sources, upstream artifacts) declared
 NB      := $(OFFLINE_IF_LOCAL) $(VPY) -m cbo_utils.notebooks
-GRAPH   := results/$(PROFILE)/graph.mk
+GRAPH   := $(RUN)/graph.mk
 PROFILE_WHY := $(if $(filter command line environment,$(origin PROFILE)),chosen by you,$(if $(filter paper,$(PROFILE)),a CUDA GPU is present,no CUDA GPU found))
 JOBS    ?= 1
 ifneq ($(filter reproduce,$(MAKECMDGOALS)),)
@@ -60,38 +70,47 @@ endif
 
 $(GRAPH): cbo_utils/configs/$(PROFILE).yaml $(shell find cbo_utils -name "*.py") | $(STAMP)
 	@mkdir -p $(@D)
-	$(VPY) -m cbo_utils.notebooks graph --profile $(PROFILE) --out $@
+	$(VPY) -m cbo_utils.notebooks graph --profile $(PROFILE) --results $(RUN) --out $@
 
 check-profile: | $(STAMP)
 	@$(OFFLINE_IF_LOCAL) $(VPY) -m cbo_utils.notebooks check --profile $(PROFILE)
 
-reproduce: check-profile $(REPRODUCE_TARGETS)  ## run the notebooks of PROFILE (papermill, Make graph) → results/ and figures/
-	@echo "produced (profile $(PROFILE)):"
-	@for f in $(STAGE_TARGETS); do test -e $$f && echo "  $$f"; done; echo "  executed notebooks (logs): results/$(PROFILE)/logs/"
+reproduce: check-profile $(REPRODUCE_TARGETS)  ## run the notebooks of PROFILE (papermill, Make graph) into RUN, compare with the reference → RUN/reproduction.md
+	@echo "produced (profile $(PROFILE), run folder $(RUN)):"
+	@for f in $(STAGE_TARGETS); do test -e $$f && echo "  $$f"; done; echo "  executed notebooks (logs): $(RUN)/logs/"
+ifeq ($(IS_REFERENCE),)
+	@if test -d $(REFERENCE); then $(VPY) -m cbo_utils.report.reproduction --run $(RUN) --reference $(REFERENCE); \
+	else echo "no reference results in $(REFERENCE) (none committed for profile $(PROFILE)): no reproduction report"; fi
+else
+	@echo "RUN is the reference $(REFERENCE): regenerated in place, no reproduction report"
+endif
 
-figures: | $(STAMP)  ## redraw the figures and tables of PROFILE from its result files (no upstream stage) → figures/PROFILE/
-	$(NB) run 06_report --profile $(PROFILE)
+figures: | $(STAMP)  ## redraw the figures and tables from RUN's result files (no upstream stage) → RUN/figures/ (reference: figures/PROFILE/)
+	$(NB) run 06_report --profile $(PROFILE) --results $(RUN)
 
-pipeline: venv  ## the same stages without notebooks (python -m cbo_utils.experiments.pipeline)
-	$(OFFLINE) $(VPY) -m cbo_utils.experiments.pipeline --profile $(PROFILE)
+pipeline: venv  ## the same stages without notebooks (python -m cbo_utils.experiments.pipeline) → RUN
+	$(OFFLINE) $(VPY) -m cbo_utils.experiments.pipeline --profile $(PROFILE) --results $(RUN)
 
-compare: venv  ## every baseline and CBO variant, evaluated the same way → results/PROFILE/comparison.md
-	@echo "profile: $(PROFILE)  (override with PROFILE=tiny|mini|paper)"
-	$(OFFLINE) $(VPY) -m cbo_utils.experiments.compare --profile $(PROFILE)
+compare: venv  ## every baseline and CBO variant, evaluated the same way → RUN/comparison.md
+	@echo "profile: $(PROFILE)  (override with PROFILE=tiny|mini|paper), run folder: $(RUN)"
+	$(OFFLINE) $(VPY) -m cbo_utils.experiments.compare --profile $(PROFILE) --results $(RUN)
 
-retrain: venv  ## knowledge-distil the selections (after compare) and evaluate before/after → results/PROFILE/retraining.md
-	$(OFFLINE) $(VPY) -m cbo_utils.experiments.retrain --profile $(PROFILE)
+retrain: venv  ## knowledge-distil the selections (after compare) and evaluate before/after → RUN/retraining.md
+	$(OFFLINE) $(VPY) -m cbo_utils.experiments.retrain --profile $(PROFILE) --results $(RUN)
 
-hybrid: venv  ## type-restricted removal on the hybrid Nemotron (stand-in on tiny/mini) → results/PROFILE/hybrid/hybrid.md
-	$(OFFLINE) $(VPY) -m cbo_utils.experiments.hybrid --profile $(PROFILE)
+hybrid: venv  ## type-restricted removal on the hybrid Nemotron (stand-in on tiny/mini) → RUN/hybrid/hybrid.md
+	$(OFFLINE) $(VPY) -m cbo_utils.experiments.hybrid --profile $(PROFILE) --results $(RUN)
 
 SOLVER_TABLE := results/solvers/solver_benchmark.md
 solver-table: venv  ## the solver table: exact vs SA vs tabu vs the certified bound, N = 30–80 → results/solvers/
 	$(OFFLINE) $(VPY) -m cbo_utils.solvers.bench --N 32 40 52 80 --M 8 16 24 --out results/solvers
 	$(OFFLINE) $(VPY) -m cbo_utils.solvers.bench --N 80 --M 32 40 --out results/solvers
-	$(OFFLINE) $(VPY) -m cbo_utils.solvers.bench --gradients results/mini/smollm2/gradients.safetensors --M 4 8 15 \
+	$(OFFLINE) $(VPY) -m cbo_utils.solvers.bench --gradients runs/mini/smollm2/gradients.safetensors --M 4 8 15 \
 		--out results/solvers
 	@echo "solver table: $(SOLVER_TABLE)"
 
 clean-results: | $(STAMP)  ## remove what cbo wrote under results/ (by each folder's record; never your files, the venv or the model cache)
 	$(VPY) -m cbo_utils.notebooks clean --results results
+
+clean-runs: | $(STAMP)  ## remove what cbo wrote under runs/ (the run folders of make reproduce; never your files)
+	$(VPY) -m cbo_utils.notebooks clean --results runs

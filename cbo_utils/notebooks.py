@@ -1,14 +1,20 @@
 """Run the parameterised notebooks with papermill, and write the Make graph that connects them.
 
     python -m cbo_utils.notebooks run 01_hessian_estimation --profile mini --model smollm2
-    python -m cbo_utils.notebooks graph --profile mini --out results/mini/graph.mk
+    python -m cbo_utils.notebooks graph --profile mini --results runs/mini --out runs/mini/graph.mk
     python -m cbo_utils.notebooks params 03_state_sampling --profile tiny --model tiny-llama
 
 A notebook's parameters are the profile's keys (:data:`NOTEBOOKS` says which notebook receives which), plus
 ``profile``, ``results_dir`` and, for the per-model notebooks, ``model`` (one of the profile's ``models``; the
 ``M_values`` of that model when the profile gives them per model). Executed notebooks are logs, kept beside the
-results in ``results/<profile>/logs/`` (papermill writes them even when a cell fails, so they are never Make targets);
+results in ``<results>/logs/`` (papermill writes them even when a cell fails, so they are never Make targets);
 the artifacts each notebook writes are the targets.
+
+Two kinds of results folder: the committed *reference* ``results/<profile>/`` (figures in ``figures/<profile>/``),
+and a *run folder* (``make reproduce`` writes ``runs/<profile>/`` by default, figures in ``runs/<profile>/figures/``)
+that a reproduction fills from scratch and :mod:`cbo_utils.report.reproduction` compares with the reference. Here
+``results=None`` means the reference (as for :func:`cbo_utils.core.profiles.results_dir`); the Makefile passes its
+run folder explicitly (``--results $(RUN)``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from cbo_utils.core.artifacts import (
     atomic_write_text,
     claim_folder,
     owning_folder,
+    portable_path,
     read_manifest,
     record_files,
     remove_owned,
@@ -63,15 +70,40 @@ def _profile(profile):
     return load_profile(profile) if isinstance(profile, str) else dict(profile)
 
 
+def reference_dir(profile: str) -> Path:
+    """The committed reference results of ``profile``: ``results/<profile>`` (relative to the repository root)."""
+    return Path("results") / profile
+
+
+def is_reference(profile: str, results_dir=None) -> bool:
+    """Whether ``results_dir`` (None: the default) is the reference folder of ``profile``, ``results/<profile>``
+    (a relative path counts from the repository root, where the notebooks run)."""
+    if results_dir is None:
+        return True
+
+    def anchored(p: Path) -> Path:
+        return (p if p.is_absolute() else ROOT / p).resolve()
+
+    return anchored(Path(results_dir)) == anchored(reference_dir(profile))
+
+
+def figures_dir_for(profile: str, results_dir=None) -> Path:
+    """Where the report notebook draws the figures of ``results_dir``: ``figures/<profile>`` for the reference
+    (``results/<profile>``, the default), else ``<results_dir>/figures`` (a run keeps its figures beside its
+    results)."""
+    return Path("figures") / profile if is_reference(profile, results_dir) else Path(results_dir) / "figures"
+
+
 def parameters_for(notebook: str, profile, model: str | None = None, results_dir=None) -> dict[str, Any]:
-    """The papermill parameters of ``notebook`` for ``profile`` (name, path or dict) and ``model``."""
+    """The papermill parameters of ``notebook`` for ``profile`` (name, path or dict) and ``model``; ``results_dir``
+    None: the reference ``results/<profile>``."""
 
     if notebook not in NOTEBOOKS:
         raise ValueError(f"unknown notebook {notebook!r}; choose from {sorted(NOTEBOOKS)}")
     cfg = _profile(profile)
     spec = NOTEBOOKS[notebook]
     params: dict[str, Any] = {"profile": cfg["profile"],
-                              "results_dir": str(results_dir or Path("results") / cfg["profile"])}
+                              "results_dir": str(results_dir or reference_dir(cfg["profile"]))}
     if spec["per_model"]:
         if model is None:
             raise ValueError(f"{notebook} runs once per model: give --model (one of {cfg['models']})")
@@ -81,9 +113,8 @@ def parameters_for(notebook: str, profile, model: str | None = None, results_dir
                 raise ValueError(f"model {model!r} is not in profile {cfg['profile']!r}: {cfg['models']}")
             model = match[0]
         params["model"] = model
-    if notebook == "06_report":   # figures/<profile>/ for the profile's own results, else beside the given results
-        params["figures_dir"] = (f"figures/{cfg['profile']}" if results_dir is None
-                                 else str(Path(results_dir) / "figures"))
+    if notebook == "06_report":   # figures/<profile>/ for the reference, else beside the given results
+        params["figures_dir"] = str(figures_dir_for(cfg["profile"], results_dir))
     for key in spec["keys"]:
         if key == "M_values":
             params[key] = [int(m) for m in m_values(cfg, model)]
@@ -93,14 +124,16 @@ def parameters_for(notebook: str, profile, model: str | None = None, results_dir
 
 
 def log_path(notebook: str, profile: str, model: str | None = None, results_dir=None) -> Path:
-    base = Path(results_dir or ROOT / "results" / profile) / "logs"
+    """The executed copy of a notebook run: ``<results_dir>/logs/`` (None: the reference's)."""
+    base = Path(results_dir or ROOT / reference_dir(profile)) / "logs"
     return base / (f"{notebook}__{slug(model)}.ipynb" if model else f"{notebook}.ipynb")
 
 
 def run_notebook(notebook: str, profile, model: str | None = None, results_dir=None, progress: bool = False,
                  kernel_name: str = "python3") -> Path:
     """Execute ``notebooks/<notebook>.ipynb`` with papermill in a fresh kernel (cwd = repository root); the executed
-    copy goes to ``results/<profile>/logs/``. Raises papermill's error (naming the failing cell) on failure."""
+    copy goes to ``<results_dir>/logs/`` (None: the reference ``results/<profile>``). Raises papermill's error
+    (naming the failing cell) on failure."""
     import papermill
 
     cfg = _profile(profile)
@@ -108,8 +141,9 @@ def run_notebook(notebook: str, profile, model: str | None = None, results_dir=N
     claim_folder(ROOT / params["results_dir"], "results")   # a results folder of the user's is refused
     out = log_path(notebook, cfg["profile"], params.get("model"), ROOT / params["results_dir"])
     out.parent.mkdir(parents=True, exist_ok=True)
+    where = "" if is_reference(cfg["profile"], results_dir) else f" --results {portable_path(out.parent.parent)}"
     command = f"python -m cbo_utils.notebooks run {notebook} --profile {cfg['profile']}" + (
-        f" --model {params['model']}" if params.get("model") else "")
+        f" --model {params['model']}" if params.get("model") else "") + where
     before = os.environ.get("CBO_COMMAND")
     os.environ["CBO_COMMAND"] = command  # the kernel inherits it: provenance names this command, not the kernel's
     try:
@@ -137,11 +171,17 @@ def _lib(notebook: str) -> str:
     return " ".join(library_sources(notebook))
 
 
-def outputs(profile) -> dict[str, list[str]]:
-    """Artifact paths (relative to the repository root) per stage: the Make targets."""
+def _folder(path) -> str:
+    """A folder as the graph names it (as given, relative to the repository root where Make runs; no trailing /)."""
+    return Path(path).as_posix()
+
+
+def outputs(profile, results_dir=None) -> dict[str, list[str]]:
+    """Artifact paths (relative to the repository root) per stage, for a run into ``results_dir`` (None: the
+    reference ``results/<profile>``): the Make targets."""
 
     cfg = _profile(profile)
-    R = f"results/{cfg['profile']}"
+    R = _folder(results_dir or reference_dir(cfg["profile"]))
     out: dict[str, list[str]] = {}
     for m in cfg["models"]:
         d = f"{R}/{slug(m)}"
@@ -153,7 +193,7 @@ def outputs(profile) -> dict[str, list[str]]:
     out["04"] = [f"{R}/selections.csv", f"{R}/evaluations.csv"] + (
         [f"{R}/retraining.csv"] if cfg.get("retrain") is not None else [])
     out["05"] = [f"{R}/hybrid/hybrid_evaluations.csv"] if cfg.get("hybrid") is not None else []
-    out["06"] = [f"figures/{cfg['profile']}/figures.json"]
+    out["06"] = [f"{_folder(figures_dir_for(cfg['profile'], results_dir))}/figures.json"]
     return out
 
 
@@ -167,18 +207,20 @@ def _rule(targets: Sequence[str], prereqs: Sequence[str], recipe: str) -> list[s
     return lines + [""]
 
 
-def stamp(notebook: str, profile: str) -> str:
-    """The file that records a finished run of a resumable stage (see :func:`make_graph`)."""
-    return f"results/{profile}/logs/{notebook}.done"
+def stamp(notebook: str, profile: str, results_dir=None) -> str:
+    """The file that records a finished run of a resumable stage (see :func:`make_graph`), in the run's logs."""
+    return f"{_folder(results_dir or reference_dir(profile))}/logs/{notebook}.done"
 
 
-def make_graph(profile) -> str:
-    """A Makefile fragment with one rule per notebook run: file targets, every prerequisite declared."""
+def make_graph(profile, results_dir=None) -> str:
+    """A Makefile fragment with one rule per notebook run into ``results_dir`` (None: the reference
+    ``results/<profile>``; the Makefile passes its run folder): file targets, every prerequisite declared."""
     cfg = _profile(profile)
     p = cfg["profile"]
-    outs = outputs(cfg)
+    outs = outputs(cfg, results_dir)
     conf = f"cbo_utils/configs/{p}.yaml"
-    lines = [f"# autogenerated by `python -m cbo_utils.notebooks graph --profile {p}` — do not edit", ""]
+    res = "" if results_dir is None else f" --results {_folder(results_dir)}"   # every recipe writes there
+    lines = [f"# autogenerated by `python -m cbo_utils.notebooks graph --profile {p}{res}` — do not edit", ""]
     states_all: list[str] = []
     for m in cfg["models"]:
         g, ising, states = outs[f"01:{m}"], outs[f"02:{m}"], outs[f"03:{m}"]
@@ -186,20 +228,21 @@ def make_graph(profile) -> str:
         for name, targets, upstream in (("01_hessian_estimation", g, []), ("02_ising_construction", ising, g),
                                         ("03_state_sampling", states, ising)):
             lines += _rule(targets, [*upstream, f"notebooks/{name}.ipynb", conf, _lib(name)],
-                           f"$(NB) run {name} --profile {p} --model {m}")
+                           f"$(NB) run {name} --profile {p} --model {m}{res}")
     # the resumable stages (their tables fill up row by row, and a rerun continues them) get a stamp as their first
     # target, written only when the notebook finished: an interrupted run makes Make's .DELETE_ON_ERROR delete the
     # stamp, never the tables, and the next `make reproduce` reruns the stage, which resumes
-    lines += _rule([stamp("04_pruning_and_retraining", p), *outs["04"]],
+    lines += _rule([stamp("04_pruning_and_retraining", p, results_dir), *outs["04"]],
                    [*states_all, "notebooks/04_pruning_and_retraining.ipynb", conf, _lib("04_pruning_and_retraining")],
-                   f"$(NB) run 04_pruning_and_retraining --profile {p} && touch $@")
+                   f"$(NB) run 04_pruning_and_retraining --profile {p}{res} && touch $@")
     if outs["05"]:
-        lines += _rule([stamp("05_moe_nemotron", p), *outs["05"]], ["notebooks/05_moe_nemotron.ipynb", conf,
-                                                                     _lib("05_moe_nemotron")],
-                       f"$(NB) run 05_moe_nemotron --profile {p} && touch $@")
+        lines += _rule([stamp("05_moe_nemotron", p, results_dir), *outs["05"]],
+                       ["notebooks/05_moe_nemotron.ipynb", conf, _lib("05_moe_nemotron")],
+                       f"$(NB) run 05_moe_nemotron --profile {p}{res} && touch $@")
     lines += _rule(outs["06"], [*outs["04"], *outs["05"], "notebooks/06_report.ipynb",
-                                _lib("06_report")], f"$(NB) run 06_report --profile {p}")
-    stamps = [stamp("04_pruning_and_retraining", p)] + ([stamp("05_moe_nemotron", p)] if outs["05"] else [])
+                                _lib("06_report")], f"$(NB) run 06_report --profile {p}{res}")
+    stamps = [stamp("04_pruning_and_retraining", p, results_dir)] + (
+        [stamp("05_moe_nemotron", p, results_dir)] if outs["05"] else [])
     lines += [f"REPRODUCE_TARGETS := {' '.join(outs['06'])}",
               f"STAGE_TARGETS := {' '.join(t for v in outs.values() for t in v)}",
               f"STAMPS := {' '.join(stamps)}", ""]
@@ -213,9 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("notebook", choices=sorted(NOTEBOOKS))
     r.add_argument("--profile", default="mini")
     r.add_argument("--model", default=None)
-    r.add_argument("--results", default=None)
+    r.add_argument("--results", default=None, help="results folder to write (default: the reference "
+                                                    "results/<profile>; make reproduce passes its run folder)")
     g = sub.add_parser("graph", help="write the Make graph of a profile")
     g.add_argument("--profile", default="mini")
+    g.add_argument("--results", default=None, help="the run folder the graph writes into (default: the reference "
+                                                    "results/<profile>)")
     g.add_argument("--out", default=None)
     k = sub.add_parser("clean", help="remove what cbo wrote under a results folder (by each folder's record); keep "
                                      "the rest")
@@ -226,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     q.add_argument("notebook", choices=sorted(NOTEBOOKS))
     q.add_argument("--profile", default="mini")
     q.add_argument("--model", default=None)
+    q.add_argument("--results", default=None)
     args = ap.parse_args(argv)
     if args.cmd == "run":
         import time
@@ -237,9 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"✔ {label} in {time.perf_counter() - t0:.0f} s — log: {out}", flush=True)
     elif args.cmd == "graph":
 
-        text = make_graph(args.profile)
+        text = make_graph(args.profile, args.results)
         if args.out:
-            claim_folder(Path(args.out).parent, "results")   # results/<profile>/graph.mk: the run's first file
+            claim_folder(Path(args.out).parent, "results")   # <run>/graph.mk: the run's first file
             atomic_write_text(args.out, text)
         else:
             print(text)
@@ -266,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         import json
 
-        print(json.dumps(parameters_for(args.notebook, args.profile, args.model), indent=2))
+        print(json.dumps(parameters_for(args.notebook, args.profile, args.model, args.results), indent=2))
     return 0
 
 
