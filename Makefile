@@ -22,7 +22,7 @@ IS_REFERENCE := $(filter $(abspath $(REFERENCE)),$(abspath $(RUN)))
 FIGURES := $(if $(IS_REFERENCE),figures/$(PROFILE),$(RUN)/figures)
 
 .PHONY: help venv test test-fast lint bench gpu-check reproduce figures pipeline check-profile compare retrain hybrid \
-	solver-table clean-results clean-runs
+	solver-table reference clean-results clean-runs
 
 help:  ## list the verbs
 	@echo "cbo_utils — block removal by constrained binary optimisation"
@@ -108,6 +108,10 @@ solver-table: venv  ## the solver table: exact vs SA vs tabu vs the certified bo
 	$(OFFLINE) $(VPY) -m cbo_utils.solvers.bench --gradients runs/mini/smollm2/gradients.safetensors --M 4 8 15 \
 		--out results/solvers
 	@echo "solver table: $(SOLVER_TABLE)"
+
+reference: | $(STAMP)  ## make the finished run folder RUN the committed reference results/PROFILE/ and redraw figures/PROFILE/
+	$(NB) promote --profile $(PROFILE) --run $(RUN)
+	$(NB) run 06_report --profile $(PROFILE)
 
 clean-results: | $(STAMP)  ## remove what cbo wrote under results/ (by each folder's record; never your files, the venv or the model cache)
 	$(VPY) -m cbo_utils.notebooks clean --results results

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cbo_utils.core.artifacts import (
+    atomic_write_bytes,
     atomic_write_text,
     claim_folder,
     owning_folder,
@@ -249,6 +250,39 @@ def make_graph(profile, results_dir=None) -> str:
     return "\n".join(lines)
 
 
+#: the files of a run folder that make up a committed reference: its tables and reports, not the models, gradients,
+#: states, logs or the reproduction report (which compares the run with the reference it would replace)
+REFERENCE_FILES = ("*.csv", "*.md", "*.json", "hybrid/*.csv", "hybrid/*.json", "hybrid/*.md")
+NOT_REFERENCE = ("reproduction.md", "reproduction.json", "graph.mk")
+
+
+def promote_run(run, profile: str, reference=None) -> list[Path]:
+    """Make the run folder ``run`` the committed reference ``results/<profile>``: the reference's recorded files
+    are removed (refused, with nothing removed, when it holds anything cbo did not write), the run's tables and
+    reports (:data:`REFERENCE_FILES`) copied byte for byte and recorded (``reference``: another folder than
+    ``results/<profile>``). Returns the files written. Redraw the
+    reference figures afterwards (``make figures RUN=results/<profile>``; ``make reference`` does both)."""
+    run = Path(run)
+    if read_manifest(run) is None:
+        raise FileNotFoundError(f"{run} is not a run folder cbo wrote (no {run}/.cbo-manifest.json); give the RUN "
+                                "folder of a finished `make reproduce`")
+    ref = Path(reference) if reference is not None else ROOT / reference_dir(profile)
+    if run.resolve() == ref.resolve():
+        raise ValueError(f"{run} is already the reference of profile {profile}")
+    files = sorted({f for pat in REFERENCE_FILES for f in run.glob(pat) if f.is_file() and not f.is_symlink()
+                    and f.name not in NOT_REFERENCE and f.name != ".cbo-manifest.json"
+                    and not f.name.endswith(".cbo-tmp")})
+    if not any(f.name == "selections.csv" for f in files):
+        raise FileNotFoundError(f"{run} has no selections.csv: the run has not finished its comparison; finish it "
+                                "with `make reproduce` first")
+    claim_folder(ref, "results", overwrite=True)
+    out = []
+    for f in files:
+        dest = ref / f.relative_to(run)
+        out.append(atomic_write_bytes(dest, f.read_bytes()))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -266,6 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     k = sub.add_parser("clean", help="remove what cbo wrote under a results folder (by each folder's record); keep "
                                      "the rest")
     k.add_argument("--results", default="results")
+    pr = sub.add_parser("promote", help="make a finished run folder the committed reference results/<profile>")
+    pr.add_argument("--profile", default="mini")
+    pr.add_argument("--run", required=True)
     c = sub.add_parser("check", help="stop early, with a clear message, when a model of the profile is unreachable")
     c.add_argument("--profile", default="mini")
     q = sub.add_parser("params", help="print a notebook's parameters for a profile")
@@ -300,6 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                              f"changed since: {', '.join(kept[:5])}" if kept else ""))
         if not removed_any:
             print(f"nothing to clean: no folder under {args.results} has a record of what cbo wrote")
+    elif args.cmd == "promote":
+        written = promote_run(args.run, args.profile)
+        print(f"{reference_dir(args.profile)}: {len(written)} files from {args.run} (the new reference); redraw its "
+              f"figures with `make figures RUN={reference_dir(args.profile)} PROFILE={args.profile}`")
     elif args.cmd == "check":
 
         cfg = _profile(args.profile)

@@ -210,3 +210,31 @@ def test_csv_quoting_and_empty_cells(tmp_path):
     t = rep["tables"]["t.csv"]
     assert t["key"] == ["model", "method", "M"] and t["cells"]["within tolerance"] == 1
     assert t["cells"]["identical"] == 3 and not math.isnan(rep["rtol"])
+
+
+def test_promote_replaces_exactly_the_reference_tables(tmp_path):
+    """make reference: the run's tables and reports become the reference; models, gradients and the reproduction
+    report stay out; the old reference's recorded files go; a file of the user's in the reference refuses it all."""
+    from cbo_utils.notebooks import promote_run
+
+    run, ref = tmp_path / "runs" / "mini", tmp_path / "results" / "mini"
+    claim_folder(run, "results")
+    for rel, text in (("selections.csv", "a,b\n1,2\n"), ("comparison.md", "# c\n"), ("hybrid/hybrid.md", "h\n"),
+                      ("smollm2/gradients.safetensors", "x"), ("reproduction.md", "r\n"), ("graph.mk", "g\n")):
+        atomic_write_text(run / rel, text)
+    claim_folder(ref, "results")
+    atomic_write_text(ref / "old.csv", "old\n")
+    user = ref / "notes.txt"
+    user.write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        promote_run(run, "mini", reference=ref)
+    assert (ref / "old.csv").is_file()
+    user.unlink()
+    written = promote_run(run, "mini", reference=ref)
+    assert sorted(p.relative_to(ref).as_posix() for p in written) == ["comparison.md", "hybrid/hybrid.md",
+                                                                       "selections.csv"]
+    assert not (ref / "old.csv").exists() and not (ref / "smollm2").exists() and not (ref / "reproduction.md").exists()
+    assert (ref / "selections.csv").read_bytes() == (run / "selections.csv").read_bytes()
+    assert set(read_manifest(ref)["files"]) >= {"selections.csv", "comparison.md", "hybrid/hybrid.md"}
+    with pytest.raises(ValueError, match="already the reference"):
+        promote_run(ref, "mini", reference=ref)
