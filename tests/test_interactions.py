@@ -128,7 +128,7 @@ def test_pair_variants_return_selections_and_refit_measures_its_pick(tmp_path):
     assert sel.removed == pairs[int(np.argmin(d))] and sel.method == "cbo-pairs"
     assert sel.energy == pytest.approx(d.min(), rel=1e-5)
     again = select_cbo(model, calib, 2, variant="cbo-pairs", cache_dir=tmp_path, rerank_samples=2)   # cached
-    assert again.removed == sel.removed and list(tmp_path.glob("pairs_kl_4.safetensors*"))
+    assert again.removed == sel.removed and list(tmp_path.glob("pairs_kl_4_screened.safetensors*"))   # the default
     from cbo_utils.interactions import measure_pair_table
 
     table = measure_pair_table(model, calib, progress=False)

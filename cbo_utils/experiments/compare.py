@@ -466,7 +466,7 @@ def _run_correlations(model, tok, out: Path, Ms, s, results: Path, model_name: s
                 continue
             v = get_variant(name)
             states = read_states_csv(f).head(sp["lowest"])
-            Q, const = variant_quadratic_form(v, out / sel["gradients_file"].iloc[0])
+            Q, const = variant_quadratic_form(v, out / sel["gradients_file"].iloc[0], M=M)
             N = Q.shape[0]
             rand = random_feasible_sets(N, M, sp["random"], seed=1000 + M)
             X = np.zeros((len(rand), N))

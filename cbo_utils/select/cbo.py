@@ -34,7 +34,15 @@ from cbo_utils.calibration import CalibrationSet
 from cbo_utils.core.artifacts import format_blocks, parse_blocks, read_json, sidecar_path
 from cbo_utils.core.profiles import check_keys
 from cbo_utils.gradients import GradientResult, collect_gate_gradients, load_gradients
-from cbo_utils.interactions import PairTable, cached_pair_table, divergence_of_sets, load_pair_table
+from cbo_utils.interactions import (
+    PAIR_TABLE_MODES,
+    PairTable,
+    ScreenedTableFile,
+    cached_pair_table,
+    divergence_of_sets,
+    load_pair_table,
+    screen_pairs,
+)
 from cbo_utils.model.loss import calibration_nll
 from cbo_utils.problem.energies import energy_gradient
 from cbo_utils.problem.ising import BlockRemovalProblem, quadratic_form
@@ -297,10 +305,15 @@ def variant_gradients(model, calib, out: Path, kind: str, M: int, s: dict, seed:
     return res, path.name
 
 
-def variant_quadratic_form(v: CBOVariant, path) -> tuple[np.ndarray, float]:
-    """The ``(Q, const)`` of variant ``v`` from its saved artifact (the gradients file, or the pair table)."""
+def variant_quadratic_form(v: CBOVariant, path, M: int | None = None) -> tuple[np.ndarray, float]:
+    """The ``(Q, const)`` of variant ``v`` from its saved artifact (the gradients file, or the pair table). A screened
+    pair table holds the pairs every M measured; with ``M`` (when the file recorded M's candidate set) the form is
+    the one M's selection solved — exact within its candidates, the additive estimate elsewhere — else the whole
+    file's (exact on every measured pair)."""
     if v.gradients == "pairs":
-        return load_pair_table(path).quadratic_form()
+        table = load_pair_table(path)
+        screen = table.meta.get("screens", {}).get(str(M)) if M is not None else None
+        return (table.restricted(screen["candidates"]) if screen else table).quadratic_form()
     if v.measured_diagonal:   # "gradients file" + " " + "pair table file", in one folder
         path = Path(path)
         gfile, pfile = path.name.split(" ")
@@ -333,14 +346,14 @@ def select_cbo_variant(model, calib, heldout, fit, out: Path, v: CBOVariant, M: 
     grad_s = float(grads.meta.get("seconds_gradients", 0.0)) + float(grads.meta.get("seconds_exact_hessian", 0.0))
     k = max(v.rerank, s["spearman"]["lowest"] if v.name in s["spearman"]["variants"] else 1, 1)
     if v.measured_diagonal:
-        table = _pair_table(model, data, out, s)
-        grad_s += float(table.meta.get("seconds", 0.0))
+        table, table_s = _pair_table(model, data, out, s)
+        grad_s += table_s
         t1 = time.perf_counter()
         Q = measured_diagonal_form(grads.H.numpy(), table)
         keep = [0, table.N - 1] if v.protect_ends else []
         states = solve(BlockRemovalProblem(Q, M, energy="sd-hdiag", keep=tuple(keep),
                                            block_types=table.meta.get("block_types")), solver="auto", k=k, seed=seed)
-        gfile = f"{gfile} {pair_table_file(data)}"
+        gfile = f"{gfile} {pair_table_file(data, pair_table_mode(s)[0])}"
     else:
         t1 = time.perf_counter()
         states = cbo_states(grads, M, k=k, energy=v.energy, hessian=v.hessian, protect_ends=v.protect_ends,
@@ -364,49 +377,115 @@ def _pick(model, states: pd.DataFrame, heldout, v: CBOVariant, progress: bool = 
     return rr.best, float(row["energy"]), rr.seconds, f"picked energy rank {int(row['rank'])} of {v.rerank}"
 
 
+def _pairs_problem(table: PairTable, M: int, keep: Sequence[int]) -> BlockRemovalProblem:
+    Q, const = table.quadratic_form()
+    return BlockRemovalProblem(Q, M, const=const, energy="pairs", keep=tuple(keep),
+                               block_types=table.meta.get("block_types"))
+
+
 def _select_pairs(model, data, heldout, out: Path, v: CBOVariant, M: int, s: dict, seed: int, t0: float
                   ) -> Selection:
-    """A pair-energy variant: the measured pair table on ``data`` (cached under ``out``, shared by every M), its k
-    lowest states, then the variant's refit loop or re-ranking."""
-    table = _pair_table(model, data, out, s)
-    measure_s = float(table.meta.get("seconds", 0.0))
-    t1 = time.perf_counter()
-    Q, const = table.quadratic_form()
-    keep = [0, table.N - 1] if v.protect_ends else []
-    prob = BlockRemovalProblem(Q, M, const=const, energy="pairs", keep=tuple(keep),
-                               block_types=table.meta.get("block_types"))
+    """A pair-energy variant: the pair table on ``data`` (cached under ``out``, one file shared by every M; with
+    ``pair_table: screened`` the screened table of :func:`cbo_utils.interactions.screen_pairs`, extended in place
+    when an M needs more candidates), its k lowest states, then the variant's refit loop, swap search or re-ranking.
+
+    The states the screening rule covers (every block of them inside the candidates, so their pair energy is exact):
+    the k lowest states solved (the re-ranking pool; the ground state that starts the swap search), and for the refit
+    its first round's ``refit_states`` lowest states. ``gradient_seconds`` (the measuring charged to the selection):
+    the seconds of the table as this selection read it — the full table; for the screened file every measurement it
+    holds so far (its singles and every extension, this selection's included; ``measured_seconds`` is what this
+    call measured itself)."""
+    mode, margin = pair_table_mode(s)
     k = max(v.rerank, s["spearman"]["lowest"] if v.name in s["spearman"]["variants"] else 1, 1)
-    states = solve(prob, solver="auto", k=k, seed=seed)
-    solve_s = time.perf_counter() - t1
+    k_used = max(k, v.refit_states) if v.refit_rounds else k
+    solve_s, extra, holder = 0.0, {}, {}
+
+    def states_used(view: PairTable) -> list[list[int]]:
+        nonlocal solve_s
+        t = time.perf_counter()
+        prob = _pairs_problem(view, M, keep)
+        holder["prob"], holder["states"] = prob, solve(prob, solver="auto", k=k_used, seed=seed)
+        solve_s += time.perf_counter() - t
+        return states_blocks(holder["states"])
+
+    if mode == "full":
+        table = _pair_table(model, data, out, s)[0]
+        keep = [0, table.N - 1] if v.protect_ends else []
+        measure_s = float(table.meta.get("seconds", 0.0))
+        states_used(table)
+        note = f"full pair table, {table.sets} sets"
+    else:
+        f = ScreenedTableFile(model, data, out / pair_table_file(data, mode), objective="kl",
+                              batch_size=s["batch_size"], screen_margin=margin, progress=bool(s.get("progress", False)))
+        keep = [0, f.table.N - 1] if v.protect_ends else []
+        sc = screen_pairs(f.table, M, f.measure, states_used, margin=margin, keep=keep)
+        f.record(M, sc)
+        table, measure_s = sc.table, float(f.table.meta.get("seconds", 0.0))
+        N = table.N
+        extra = {"pair_candidates": format_blocks(sc.candidates), "screen_rounds": sc.rounds, "pair_sets": sc.sets,
+                 "table_sets": f.table.sets, "measured_seconds": round(f.measured_seconds, 3),
+                 "measured_sets": f.measured_sets}
+        note = (f"screened pair table: {len(sc.candidates)} candidates, {sc.sets} of {N + N * (N - 1) // 2} sets, "
+                f"{sc.rounds} solve(s)")
+    extra["negative_couplings"] = (table if mode == "full" else f.table).negative_coupling_fraction()
+    prob, states = holder["prob"], holder["states"].head(k).reset_index(drop=True)
     if v.refit_rounds:
         t2 = time.perf_counter()
         r = refit_pair_energy(model, data, table, M, rounds=v.refit_rounds, per_round=v.refit_states, keep=keep,
                               batch_size=s["batch_size"], seed=seed)
         best, energy, rerank_s = r["best"], r["best_divergence"], time.perf_counter() - t2
-        detail = json.dumps({"measured": len(r["measured"]), "rounds": r["rounds"]})
+        detail = json.dumps({"measured": len(r["measured"]), "rounds": r["rounds"], "pair_table": note})
     elif v.swap_rounds:
         t2 = time.perf_counter()
         r = swap_search(model, data, prob, parse_blocks(states.iloc[0]["removed_blocks"]), rounds=v.swap_rounds,
                         candidates=v.swap_candidates, batch_size=s["batch_size"])
         best, energy, rerank_s = r["best"], r["best_divergence"], time.perf_counter() - t2
-        detail = json.dumps({"measured": len(r["measured"]), "moves": r["moves"]})
+        detail = json.dumps({"measured": len(r["measured"]), "moves": r["moves"], "pair_table": note})
     else:
         best, energy, rerank_s, detail = _pick(model, states, heldout, v, bool(s.get("progress", False)))
+        detail = f"{detail}; {note}" if detail else note
     return Selection(v.name, M, best, seconds=measure_s + solve_s + rerank_s, calibration=data.describe(),
                      energy=energy, states=states,
                      meta={"gradient_seconds": measure_s, "solve_seconds": solve_s, "rerank_seconds": rerank_s,
-                           "detail": detail, "gradients_file": pair_table_file(data),
-                           "prefix_cache": table.meta.get("prefix_cache")})
+                           "detail": detail, "gradients_file": pair_table_file(data, mode),
+                           "prefix_cache": table.meta.get("prefix_cache"), "pair_table": mode, **extra})
 
 
-def pair_table_file(data) -> str:
-    """The file name of the KL pair table measured on ``data`` (one per calibration part, shared by every M)."""
-    return f"pairs_kl_{len(data)}.safetensors"
+def pair_table_mode(s: dict) -> tuple[str, int]:
+    """The validated ``pair_table`` (``screened`` | ``full``) and ``screen_margin`` settings of ``s`` (the defaults
+    of :data:`CBO_SETTINGS` where absent)."""
+    mode = s.get("pair_table", CBO_SETTINGS["pair_table"])
+    margin = s.get("screen_margin", CBO_SETTINGS["screen_margin"])
+    if mode not in PAIR_TABLE_MODES:
+        raise ValueError(f"pair_table must be 'screened' (measure the pairs among the candidate blocks only) or "
+                         f"'full' (every pair), got {mode!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
+        raise ValueError(f"screen_margin must be a non-negative integer (extra candidate blocks beyond M), "
+                         f"got {margin!r}")
+    return str(mode), int(margin)
 
 
-def _pair_table(model, data, out: Path, s: dict) -> PairTable:
-    return cached_pair_table(model, data, out / pair_table_file(data), objective="kl", batch_size=s["batch_size"],
-                             progress=bool(s.get("progress", False)))
+def pair_table_file(data, mode: str = "full") -> str:
+    """The file name of the KL pair table measured on ``data`` (one per calibration part, shared by every M):
+    ``pairs_kl_<n>.safetensors`` for the full table, ``pairs_kl_<n>_screened.safetensors`` for the screened one."""
+    if mode not in PAIR_TABLE_MODES:
+        raise ValueError(f"pair_table must be one of {PAIR_TABLE_MODES}, got {mode!r}")
+    return f"pairs_kl_{len(data)}.safetensors" if mode == "full" else f"pairs_kl_{len(data)}_screened.safetensors"
+
+
+def _pair_table(model, data, out: Path, s: dict) -> tuple[PairTable, float]:
+    """The pair table of the setting ``pair_table`` and its measuring seconds; for the screened file only its
+    singles are guaranteed (what ``cbo-sd-hdiag-rerank`` reads), and the seconds are those of its singles."""
+    mode, margin = pair_table_mode(s)
+    progress = bool(s.get("progress", False))
+    if mode == "full":
+        t = cached_pair_table(model, data, out / pair_table_file(data, mode), objective="kl",
+                              batch_size=s["batch_size"], progress=progress)
+        return t, float(t.meta.get("seconds", 0.0))
+    f = ScreenedTableFile(model, data, out / pair_table_file(data, mode), objective="kl", batch_size=s["batch_size"],
+                          screen_margin=margin, progress=progress)
+    runs = f.table.meta.get("runs") or [{"seconds": f.table.meta.get("seconds", 0.0)}]
+    return f.table, float(runs[0]["seconds"])
 
 
 def measured_diagonal_form(H: np.ndarray, table: PairTable) -> np.ndarray:
@@ -495,7 +574,8 @@ def refit_pair_energy(model, calibration, table: PairTable, M: int, *, rounds: i
 
 #: the settings a CBO variant reads (the comparison's defaults for them; see ``compare.DEFAULTS``)
 CBO_SETTINGS: dict[str, Any] = {"rerank_samples": 8, "batch_size": 8, "exact_hessian_samples": 0,
-                                "points_per_sample": 2, "spearman": {"lowest": 1, "variants": []}, "progress": False}
+                                "points_per_sample": 2, "pair_table": "screened", "screen_margin": 4,
+                                "spearman": {"lowest": 1, "variants": []}, "progress": False}
 
 
 def select_cbo(model, calibration: CalibrationSet, M: int, variant: str = DEFAULT_VARIANT,
@@ -503,10 +583,13 @@ def select_cbo(model, calibration: CalibrationSet, M: int, variant: str = DEFAUL
     """The CBO selection of ``M`` blocks by one variant (default: the package's default, :data:`DEFAULT_VARIANT`) —
     the same code the comparison harness runs. Variants that re-rank hold out the last ``rerank_samples`` windows
     of ``calibration`` and take gradients on the others, as the harness does. Gradients are cached under
-    ``cache_dir`` (a temporary folder when None)."""
+    ``cache_dir`` (a temporary folder when None). The pair variants (and ``cbo-sd-hdiag-rerank``'s diagonal) read
+    the pair table of the setting ``pair_table``: ``screened`` (the default; :func:`cbo_utils.interactions.screen_pairs`
+    with ``screen_margin`` extra candidates) or ``full`` (every pair); another value is a ValueError."""
     v = get_variant(variant)
     s = {**CBO_SETTINGS, **settings}
     check_keys("CBO", settings, CBO_SETTINGS)
+    pair_table_mode(s)
     n = len(calibration)
     if v.uses_fit and not 0 < s["rerank_samples"] < n:
         raise ValueError(f"{variant} holds out {s['rerank_samples']} calibration windows: give a calibration set of "
