@@ -1,8 +1,9 @@
 """Selection cost on the same calibration tokens, side by side in one run (issue 13's cost goal, issue 24's screened
 pair table): the default CBO selection at every M with the screened pair table (the singles, then the pairs among
 the candidate blocks of each M, extended in place) and with the full table (every pair), against SLEB's greedy path
-to the largest M, as the comparison harness runs them (16 × 128 SciQ chat windows; CBO measures its table on the
-first 12 and re-ranks on the last 4, SLEB uses all 16). Prints seconds, measured sets, block passes and head passes
+to the largest M, as the comparison harness runs them (16 × 128 windows of the default mixture — mini-full's; mini's
+is `--samples 8 --rerank-samples 2`; CBO measures its table on the first 12 and re-ranks on the last 4, SLEB uses
+all 16). Prints seconds, measured sets, block passes and head passes
 (the two costs of every measured removal), the blocks each selects (screened vs full: the same, or the measured KL
 of both on the fit windows), the ratios, and the projected counts of the rule for N = 30, 32 and 80 blocks.
 
@@ -69,6 +70,7 @@ def _cbo_all_M(model, calib, Ms, kw, mode, margin, variant):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--calibration", default="mix", help="calibration spec (default: mix, the default mixture)")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rerank-samples", type=int, default=4)
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
     model.eval()
     N = num_blocks(model)
     Ms = sorted(a.M)
-    calib = load_calibration("embedded", tok, samples=a.samples, max_tokens=a.max_tokens)
+    calib = load_calibration(a.calibration, tok, samples=a.samples, max_tokens=a.max_tokens)
     kw = {"batch_size": 8, "rerank_samples": a.rerank_samples}
     n_fit = a.samples - a.rerank_samples
     fit_batches = math.ceil(n_fit / kw["batch_size"])

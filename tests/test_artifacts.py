@@ -108,11 +108,16 @@ def test_a_profile_extends_another_changing_only_what_it_names(tmp_path):
 
     mini, full = load_profile("mini"), load_profile("mini-full")
     assert full["profile"] == "mini-full" and "extends" not in full
-    assert full["compare"]["limit"] == 200 and full["compare"]["spearman"]["lowest"] == 25
+    assert full["compare"]["limit"] == 200 and full["compare"]["spearman"]["lowest"] == 12
     assert full["compare"]["variants"] == mini["compare"]["variants"]            # merged key by key
     assert full["compare"]["spearman"]["variants"] == mini["compare"]["spearman"]["variants"]
-    assert {k: v for k, v in full.items() if k != "compare" and k != "profile"} == \
-        {k: v for k, v in mini.items() if k != "compare" and k != "profile"}
+    named = ("compare", "profile", "retrain")
+    assert {k: v for k, v in full.items() if k not in named} == {k: v for k, v in mini.items() if k not in named}
+    assert full["retrain"]["train"]["max_steps"] == 15 != mini["retrain"]["train"]["max_steps"]
+    assert {k: v for k, v in full["retrain"]["train"].items() if k != "max_steps"} == \
+        {k: v for k, v in mini["retrain"]["train"].items() if k != "max_steps"}
+    assert {k: v for k, v in full["retrain"].items() if k != "train"} == \
+        {k: v for k, v in mini["retrain"].items() if k != "train"}
     bad = tmp_path / "bad.yaml"
     bad.write_text("extends: mini\nprofile: x\nsamplez: 3\n")
     with pytest.raises(ValueError, match="samplez"):
