@@ -278,6 +278,19 @@ def test_swm_reaches_M_and_builds_the_merged_model(llama, M):
     assert sel.meta["threshold"] < sel.meta["similarity"] or sel.meta["capped"]
 
 
+def test_swm_shared_evaluator_gives_each_M_the_single_call_answer(llama):
+    """swm_selections (one evaluator, one memo for several M) = one sliding_window_merging call per M: the same
+    windows, thresholds and similarities; the shared run scores fewer merged models than the separate runs."""
+    model, _, calib = llama
+    shared = swm.swm_selections(model, calib, [1, 2, 3])
+    separate = {M: swm.sliding_window_merging(model, calib, M) for M in (1, 2, 3)}
+    for M, sel in separate.items():
+        assert shared[M].removed == sel.removed and shared[M].meta["windows"] == sel.meta["windows"]
+        assert shared[M].meta["threshold"] == sel.meta["threshold"]
+        assert shared[M].meta["similarity"] == sel.meta["similarity"]
+    assert sum(shared[M].meta["block_calls"] for M in shared) < sum(s.meta["block_calls"] for s in separate.values())
+
+
 def test_swm_fixed_threshold_and_qwen3(qwen3):
     model, _, calib = qwen3
     sel = swm.sliding_window_merging(model, calib, 2)

@@ -79,3 +79,33 @@ def test_lambada_text_is_fiction_disjoint_from_boolq():
     assert eval_text("lambada")[:3] == lambada_text()[:3]
     with pytest.raises(ValueError, match="unknown evaluation text"):
         eval_text("wiki")
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-qwen3"])
+def test_window_cache_equals_the_physically_pruned_model(family):
+    """WindowCache (dense block inputs recorded once, each removal run from block min(R)) gives the perplexity,
+    per-window NLLs and accuracy of the physically pruned model; another model, or the same model changed in
+    place, is measured plainly; a cache over its memory limit stays off."""
+    from cbo_utils.evaluate.perplexity import WindowCache
+
+    model, tok = build_tiny(family)
+    win = torch.randint(3, len(tok), (5, 17), generator=torch.Generator().manual_seed(1))
+    cache = WindowCache(model, win, batch_size=2)
+    for removed in ([2], [1, 3], [0, 2, 3], [3]):
+        got = perplexity(model, cache, removed=removed)
+        ref = perplexity(remove_blocks(copy.deepcopy(model), removed), win, batch_size=2)
+        assert got["prefix_cache"] == "on"
+        assert got["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)
+        assert got["window_nll"] == pytest.approx(ref["window_nll"], rel=1e-6)
+        assert got["accuracy"] == ref["accuracy"] and got["tokens"] == ref["tokens"]
+    assert perplexity(model, cache)["perplexity"] == pytest.approx(perplexity(model, win)["perplexity"], rel=1e-9)
+    other = copy.deepcopy(model)
+    assert not cache.usable(other)   # built from `model`: another model never reads its block inputs
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.5)   # an in-place change: the cache is rebuilt before use
+    got = perplexity(model, cache, removed=[2])
+    ref = perplexity(remove_blocks(copy.deepcopy(model), [2]), win, batch_size=2)
+    assert got["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)
+    small = WindowCache(model, win, max_bytes=1)
+    assert perplexity(model, small, removed=[2])["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)
+    assert small.status.startswith("off") and "MiB" in small.status

@@ -52,7 +52,7 @@ from cbo_utils.evaluate.measure import (
     ppl_task,
     reuse_measurements,
 )
-from cbo_utils.evaluate.perplexity import perplexity, perplexity_windows
+from cbo_utils.evaluate.perplexity import WindowCache, perplexity, perplexity_windows
 from cbo_utils.evaluate.statistics import paired_log_ratio, paired_mean_log_ppl
 from cbo_utils.model.blocks import num_blocks
 from cbo_utils.model.load import load_model
@@ -69,6 +69,7 @@ from cbo_utils.select.cbo import (
     variant_quadratic_form,
 )
 from cbo_utils.select.methods import run_method
+from cbo_utils.select.swm import swm_selections
 from cbo_utils.solvers.states import read_states_csv, write_states_csv
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -141,12 +142,19 @@ GREEDY_PATHS = ("sleb", "block_influence_iterative", "one_shot_perplexity")
 
 
 def _select_baseline(model, calib, name: str, M: int, s: dict, seed: int | None = None, paths: dict | None = None,
-                     M_max: int | None = None) -> dict:
+                     M_max: int | None = None, Ms: Sequence[int] | None = None) -> dict:
 
     kw: dict[str, Any] = {"seed": seed} if name == "random" else {}
     if name not in ("random", "tail"):
         kw["batch_size"] = s["batch_size"]
-    if name in GREEDY_PATHS and paths is not None and M_max:
+    if name == "sliding_window_merging" and paths is not None and Ms:
+        # one evaluator (calibration forward, prefix cache, memo of merged models) for this and every larger M:
+        # the same answers as one call per M (swm_selections), without re-scoring the merged models they share
+        done = paths.setdefault(name, {})
+        if M not in done:
+            done.update(swm_selections(model, calib, [m for m in sorted(Ms) if m >= M], **kw))
+        sel = done[M]
+    elif name in GREEDY_PATHS and paths is not None and M_max:
         if name not in paths or paths[name].M < M:
             paths[name] = run_method(name, model, calib, max(M, M_max), **kw)
         sel = greedy_prefix(paths[name], M)
@@ -197,10 +205,10 @@ def run_compare(profile: str, results: Path | None = None, models: Sequence[str]
                                                       "part": f"windows {n_fit}..{len(calib) - 1} (re-ranking)"})
         base = {"model": model_name, "calibration_tokens": calib.tokens, "calibration_sha256": calib.sha256}
         if "select" in stages:
-            paths: dict = {}  # SLEB's greedy path, computed once for the largest M
+            paths: dict = {}  # SLEB's greedy path (once, for the largest M) and SWM's shared evaluator
             for M in sorted(Ms):
                 _run_selections(model, calib, fit, heldout, out, M, s, seed, base, results, progress,
-                                paths=paths, M_max=max(Ms))
+                                paths=paths, M_max=max(Ms), Ms=Ms)
         sels = done_rows(results / "selections.csv", model=model_name)
         if "develop" in stages:
             _run_development(model, tok, sels[sels["M"].isin(Ms)], s, results, model_name, progress)
@@ -218,7 +226,7 @@ def run_compare(profile: str, results: Path | None = None, models: Sequence[str]
 
 
 def _run_selections(model, calib, fit, heldout, out, M, s, seed, base, results, progress, paths=None,
-                    M_max=None) -> None:
+                    M_max=None, Ms=None) -> None:
 
     table = results / "selections.csv"
     jobs: list[tuple[str, Any]] = [(b, None) for b in s["baselines"]]
@@ -242,7 +250,7 @@ def _run_selections(model, calib, fit, heldout, out, M, s, seed, base, results, 
             tokens = calib.tokens
         else:
             try:
-                r = _select_baseline(model, calib, name, M, s, arg, paths=paths, M_max=M_max)
+                r = _select_baseline(model, calib, name, M, s, arg, paths=paths, M_max=M_max, Ms=Ms)
             except ValueError as exc:  # a method that does not apply to this model/M (e.g. Taylor+ on 6 blocks)
                 _note_skipped(results, base["model"], name, M, str(exc))
                 print(f"  [{base['model']}] M={M} {name}: not applicable — {exc}")
@@ -299,7 +307,7 @@ def _run_development(model, tok, sels: pd.DataFrame, s: dict, results: Path, mod
     development perplexity at each M, and the default) — written to ``development.json`` before any test
     evaluation."""
     task = dev_task(s)
-    windows = _dev_windows(tok, s)
+    windows = WindowCache(model, _dev_windows(tok, s))   # every removal from the dense prefix it shares
     wtable = results / DEVELOPMENT_WINDOWS
     rows = [{"method": "dense", "M": 0, "removed_blocks": "", "seed": 0}] + sels.to_dict("records")
     for row in rows:
@@ -417,7 +425,7 @@ def default_variant(results: Path, s: dict, model: str | None = None) -> str:
 
 def _run_evaluations(model, tok, sels: pd.DataFrame, s: dict, results: Path, model_name: str, progress) -> None:
 
-    windows = heldout_windows(tok, s)
+    windows = {t: WindowCache(model, w) for t, w in heldout_windows(tok, s).items()}   # see WindowCache
     rows = [{"method": "dense", "M": 0, "removed_blocks": "", "seed": 0}] + sels.to_dict("records")
     for row in rows:
         label = "selected" if row["method"] == "dense" else _state_label(row)
@@ -449,7 +457,8 @@ def _run_correlations(model, tok, out: Path, Ms, s, results: Path, model_name: s
     per state in ``state_perplexities.csv`` (a state shared by two variants is measured once)."""
 
     sp = s["spearman"]
-    windows = perplexity_windows(tok, heldout_text(), seq_len=s["ppl_seq_len"], windows=sp["ppl_windows"])
+    windows = WindowCache(model, perplexity_windows(tok, heldout_text(), seq_len=s["ppl_seq_len"],
+                                                    windows=sp["ppl_windows"]))
     ppl_table = results / "state_perplexities.csv"
     ppl_cols = ["model", "M", "removed_blocks", "perplexity", "windows", "seq_len"]
     ppl_key = ["model", "M", "removed_blocks"]

@@ -6,6 +6,7 @@ M; :func:`build_swm_model` gives the merged, shortened copy.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from cbo_utils.model.blocks import final_norm, merge_windows, merged_parameters, model_layers
 from cbo_utils.model.loss import Batch, BlockTaps, block_output, call_block, forward_blocks, make_batches
-from cbo_utils.select.selection import Selection, check_M, describe_calibration, selection_meta, timed
+from cbo_utils.select.selection import Selection, check_M, describe_calibration, selection_meta
 
 log = logging.getLogger(__name__)
 
@@ -132,64 +133,92 @@ def sliding_window_merging(model, calibration, M: int, threshold: float | None =
     similarity of the final model, evaluations (distinct merged models scored), passes.
     """
 
-    def run():
-        adapter, layers, N = model_layers(model)
+    return swm_selections(model, calibration, [M], threshold=threshold, batch_size=batch_size, lowest=lowest,
+                          tolerance=tolerance, max_steps=max_steps)[M]
+
+
+def swm_selections(model, calibration, Ms: Iterable[int], threshold: float | None = None, batch_size: int = 1,
+                   lowest: int = 0, tolerance: float = 1e-4, max_steps: int = 40) -> dict[int, Selection]:
+    """:func:`sliding_window_merging` for several M with ONE evaluator: the calibration forward, the prefix cache and
+    the memo of scored merged models are shared, so a merged model that two M's bisections both score is computed
+    once. Each M's answer is exactly the single-M call's (a similarity depends only on its windows; tested). Each
+    Selection's ``seconds``: its own bisection, the first also the evaluator's set-up."""
+    Ms = [int(m) for m in Ms]
+    adapter, layers, N = model_layers(model)
+    for M in Ms:
         check_M(N, M)
-        if adapter.hybrid:
-            raise ValueError("sliding-window merging adds the weights of consecutive blocks; the blocks of a hybrid "
-                             f"model ({adapter.name}) are different mixers (Mamba2, MoE, attention) that cannot be "
-                             "merged. Use block_influence, norm_ratio, sleb or one_shot_perplexity instead.")
-        shapes = [{n: tuple(p.shape) for n, p in b.named_parameters()} for b in layers]
-        if any(s != shapes[0] for s in shapes):
-            raise ValueError("sliding-window merging needs blocks with identical parameters (names and shapes)")
-        if not 0 <= lowest < N - 1:
-            raise ValueError(f"lowest must be in 0..{N - 2}, got {lowest}")
+    if adapter.hybrid:
+        raise ValueError("sliding-window merging adds the weights of consecutive blocks; the blocks of a hybrid "
+                         f"model ({adapter.name}) are different mixers (Mamba2, MoE, attention) that cannot be "
+                         "merged. Use block_influence, norm_ratio, sleb or one_shot_perplexity instead.")
+    shapes = [{n: tuple(p.shape) for n, p in b.named_parameters()} for b in layers]
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError("sliding-window merging needs blocks with identical parameters (names and shapes)")
+    if not 0 <= lowest < N - 1:
+        raise ValueError(f"lowest must be in 0..{N - 2}, got {lowest}")
+    for M in Ms:
         if M > N - 1 - lowest:
             raise ValueError(f"with lowest = {lowest} at most {N - 1 - lowest} blocks can be merged away; M = {M}")
-        batches = make_batches(model, calibration, batch_size)
-        ev = _SWMEvaluator(model, batches)
-        passes = 0
+    t0 = time.perf_counter()
+    batches = make_batches(model, calibration, batch_size)
+    ev = _SWMEvaluator(model, batches)
+    setup = time.perf_counter() - t0
+    out: dict[int, Selection] = {}
+    for i, M in enumerate(Ms):
+        t1 = time.perf_counter()
+        calls0 = ev.block_calls if i else 0
+        sel = _swm_select(ev, calibration, M, threshold, batch_size, lowest, tolerance, max_steps)
+        sel.meta["block_calls"] = ev.block_calls - calls0
+        sel.meta["shared_evaluator"] = len(Ms) > 1
+        sel.seconds = time.perf_counter() - t1 + (setup if i == 0 else 0.0)
+        out[M] = sel
+    return out
 
-        def count(t):
-            nonlocal passes
-            passes += 1
-            w, capped = _swm_run(ev, t, M, lowest)
-            log.info("SWM pass %d: threshold %.6f removes %d (%d merged models scored)", passes, t,
-                     sum(b - a for a, b in w), len(ev.memo))
-            return w, capped, sum(b - a for a, b in w)
 
-        if threshold is not None:
-            windows, capped, n = count(threshold)
-            t_ok, t_fail = float(threshold), None
-        else:
-            lo, hi = -1.0, 1.0
-            windows, capped, n = count(lo)
-            if n != M:
-                raise RuntimeError(f"SWM could not reach M = {M} even at threshold -1 (got {n})")
-            best = (windows, capped)
-            steps = 0
-            while hi - lo > tolerance and steps < max_steps:
-                mid = (lo + hi) / 2
-                w, c, k = count(mid)
-                steps += 1
-                if k == M:
-                    lo, best = mid, (w, c)
-                else:
-                    hi = mid
-            windows, capped = best
-            t_ok, t_fail = lo, hi
-        removed = sorted(k for a, b in windows for k in range(a + 1, b + 1))
-        order = [k for a, b in windows for k in range(b, a, -1)]
-        sim = ev.similarity(windows)
-        return Selection("sliding_window_merging", M, removed, order=order,
-                         calibration=describe_calibration(calibration),
-                         meta=selection_meta(model, batch_size=batch_size, windows=[[a, b] for a, b in windows],
-                                    threshold=t_ok, threshold_fails=t_fail, similarity=sim, capped=capped,
-                                    reached_M=len(removed) == M, evaluations=len(ev.memo), passes=passes,
-                                    block_calls=ev.block_calls, lowest=lowest,
-                                    merge_rule="theta_low + sum_{k=low+1..high}(theta_k - theta_low)"))
+def _swm_select(ev: _SWMEvaluator, calibration, M: int, threshold: float | None, batch_size: int, lowest: int,
+                tolerance: float, max_steps: int) -> Selection:
+    """One M's bisection (or fixed-threshold pass) on an existing evaluator."""
+    model = ev.model
+    passes = 0
 
-    return timed(run)
+    def count(t):
+        nonlocal passes
+        passes += 1
+        w, capped = _swm_run(ev, t, M, lowest)
+        log.info("SWM pass %d: threshold %.6f removes %d (%d merged models scored)", passes, t,
+                 sum(b - a for a, b in w), len(ev.memo))
+        return w, capped, sum(b - a for a, b in w)
+
+    if threshold is not None:
+        windows, capped, n = count(threshold)
+        t_ok, t_fail = float(threshold), None
+    else:
+        lo, hi = -1.0, 1.0
+        windows, capped, n = count(lo)
+        if n != M:
+            raise RuntimeError(f"SWM could not reach M = {M} even at threshold -1 (got {n})")
+        best = (windows, capped)
+        steps = 0
+        while hi - lo > tolerance and steps < max_steps:
+            mid = (lo + hi) / 2
+            w, c, k = count(mid)
+            steps += 1
+            if k == M:
+                lo, best = mid, (w, c)
+            else:
+                hi = mid
+        windows, capped = best
+        t_ok, t_fail = lo, hi
+    removed = sorted(k for a, b in windows for k in range(a + 1, b + 1))
+    order = [k for a, b in windows for k in range(b, a, -1)]
+    sim = ev.similarity(windows)
+    return Selection("sliding_window_merging", M, removed, order=order,
+                     calibration=describe_calibration(calibration),
+                     meta=selection_meta(model, batch_size=batch_size, windows=[[a, b] for a, b in windows],
+                                         threshold=t_ok, threshold_fails=t_fail, similarity=sim, capped=capped,
+                                         reached_M=len(removed) == M, evaluations=len(ev.memo), passes=passes,
+                                         block_calls=ev.block_calls, lowest=lowest,
+                                         merge_rule="theta_low + sum_{k=low+1..high}(theta_k - theta_low)"))
 
 
 @torch.no_grad()
