@@ -19,7 +19,7 @@ KW = {"samples": 4, "max_tokens": 24}
 def test_compress_prunes_verifies_measures_and_resumes(tmp_path):
     out = tmp_path / "small"
     s = compress("tiny-llama", 2, out, echo=lambda *_: None, **KW)
-    assert s["method"] == "cbo-pairs-rerank" and len(s["removed_blocks"]) == 2
+    assert s["method"] == "cbo-pairs-swap" and len(s["removed_blocks"]) == 2
     assert s["after"]["blocks"] == s["before"]["blocks"] - 2 and s["after"]["parameters"] < s["before"]["parameters"]
     assert json.loads((out / "model" / "verification.json").read_text())["ok"]
     # the saved model is the original without those blocks (an independent check: the gated original)
