@@ -248,6 +248,7 @@ def test_draw_all_skips_what_is_absent(tmp_path, capsys):
     assert draw_all(res, tmp_path / "figs") == []
     manifest = json.loads((tmp_path / "figs" / "figures.json").read_text())
     assert manifest["figures"] == {} and len(manifest["skipped"]) >= 4
+    assert manifest["results"] == str(res)                 # outside the repository: as given
     assert "skipped Fig. 5" in capsys.readouterr().out
     state_energies().to_csv(res / "state_energies.csv", index=False)
     made = draw_all(res, tmp_path / "figs")
@@ -344,3 +345,23 @@ def test_figures_json_ignores_timings_in_sidecars(tmp_path):
     e = tmp_path / "u.csv"
     e.write_text("x\n2\n")
     assert input_digest(d) != input_digest(e)
+
+
+def test_figures_json_names_a_results_folder_in_the_repository_relatively():
+    """A committed figures.json names no machine's path: a results folder inside the checkout is recorded relative to
+    it (core.artifacts.portable_path), whatever the current directory."""
+    import shutil
+    import tempfile
+
+    from cbo_utils.core.artifacts import repo_root
+
+    root = repo_root()
+    if root is None:
+        pytest.skip("an installed package: no repository to be relative to")
+    res = Path(tempfile.mkdtemp(prefix=".test-figures-", dir=root))
+    try:
+        draw_all(res, res / "figs")
+        manifest = json.loads((res / "figs" / "figures.json").read_text())
+        assert manifest["results"] == res.name and not Path(manifest["results"]).is_absolute()
+    finally:
+        shutil.rmtree(res)

@@ -57,6 +57,7 @@ from cbo_utils.core.artifacts import (  # noqa: E402
     file_sha256,
     format_blocks,
     parse_blocks,
+    portable_path,
     read_json,
     write_json,
 )
@@ -891,7 +892,7 @@ def draw_all(results_dir: Any, figures_dir: Any, profile: str | None = None) -> 
                                             if p.is_file()}}
     for s in skipped:
         print(f"[figures] skipped {s['figure']}: {s['reason']}")
-    write_json(out / "figures.json", {"results": str(results), "profile": profile, "figures": made,
+    write_json(out / "figures.json", {"results": portable_path(results), "profile": profile, "figures": made,
                                       "skipped": skipped})
     return sorted(out / n for n in made)
 
