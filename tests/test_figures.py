@@ -347,7 +347,7 @@ def test_figures_json_ignores_timings_in_sidecars(tmp_path):
     assert input_digest(d) != input_digest(e)
 
 
-def test_figures_json_names_a_results_folder_in_the_repository_relatively():
+def test_figures_json_names_a_results_folder_in_the_repository_relatively(tmp_path, monkeypatch):
     """A committed figures.json names no machine's path: a results folder inside the checkout is recorded relative to
     it (core.artifacts.portable_path), whatever the current directory."""
     import shutil
@@ -359,6 +359,7 @@ def test_figures_json_names_a_results_folder_in_the_repository_relatively():
     if root is None:
         pytest.skip("an installed package: no repository to be relative to")
     res = Path(tempfile.mkdtemp(prefix=".test-figures-", dir=root))
+    monkeypatch.chdir(tmp_path)                            # another current directory than the checkout
     try:
         draw_all(res, res / "figs")
         manifest = json.loads((res / "figs" / "figures.json").read_text())
