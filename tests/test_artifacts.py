@@ -108,7 +108,7 @@ def test_a_profile_extends_another_changing_only_what_it_names(tmp_path):
 
     mini, full = load_profile("mini"), load_profile("mini-full")
     assert full["profile"] == "mini-full" and "extends" not in full
-    assert full["compare"]["limit"] == 200 and full["compare"]["spearman"]["lowest"] == 12
+    assert full["compare"]["limit"] == 100 and full["compare"]["spearman"]["lowest"] == 8
     assert full["compare"]["variants"] == mini["compare"]["variants"]            # merged key by key
     assert full["compare"]["spearman"]["variants"] == mini["compare"]["spearman"]["variants"]
     named = ("compare", "profile", "retrain")

@@ -109,3 +109,31 @@ def test_window_cache_equals_the_physically_pruned_model(family):
     small = WindowCache(model, win, max_bytes=1)
     assert perplexity(model, small, removed=[2])["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)
     assert small.status.startswith("off") and "MiB" in small.status
+
+
+def test_a_prefix_cache_that_replays_wrongly_turns_itself_off(caplog):
+    """Both prefix caches check their replay against the plain forward (model.loss.replay_matches) before they are
+    trusted: a change the parameter versions cannot see (the rotary frequencies, a buffer) makes the cached block
+    arguments stale, and the cache must go off with a warning and still give the physically pruned model's answer."""
+    from cbo_utils.evaluate.perplexity import WindowCache
+    from cbo_utils.model.loss import replay_matches
+
+    ref = torch.randn(2, 3, 5)
+    assert replay_matches(ref + 1e-6, ref, "x", None)[0]
+    assert not replay_matches(ref + 1.0, ref, "x", None)[0]
+    assert not replay_matches(ref[:1], ref, "x", None)[0]                 # another shape never matches
+    assert not replay_matches(ref * float("nan"), ref, "x", None)[0]      # NaNs never match
+
+    model, tok = build_tiny("tiny-llama")
+    win = torch.randint(3, len(tok), (4, 17), generator=torch.Generator().manual_seed(2))
+    cache = WindowCache(model, win, batch_size=2)
+    assert cache.usable(model) and cache.status == "unchecked"
+    rotary = model.model.rotary_emb
+    with torch.no_grad():
+        rotary.inv_freq.mul_(3.0)            # a buffer: the cached position embeddings are now stale
+    with caplog.at_level("WARNING"):
+        got = perplexity(model, cache, removed=[1])
+    assert cache.status.startswith("off: cached logits differ") and "differs from the plain forward" in caplog.text
+    expect = perplexity(remove_blocks(copy.deepcopy(model), [1]), win, batch_size=2)
+    assert got["prefix_cache"] != "on"
+    assert got["perplexity"] == pytest.approx(expect["perplexity"], rel=1e-6)

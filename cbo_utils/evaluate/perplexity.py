@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from cbo_utils.model.blocks import check_removal, final_norm, model_layers, without_blocks
 from cbo_utils.model.load import model_device
-from cbo_utils.model.loss import BlockTaps, call_block
+from cbo_utils.model.loss import BlockTaps, replay_blocks, replay_matches
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,8 @@ class WindowCache:
 
     def logits(self, b: int, removed: Sequence[int]) -> torch.Tensor:
         """Batch ``b``'s logits with ``removed`` (non-empty, valid) taken out, from the cache."""
-        rset = set(removed)
-        k = min(rset)
-        h = self.inputs[b][k]
-        for j in range(k + 1, self.N):
-            if j not in rset:
-                h = call_block(self.layers[j], h, self.kwargs[b][j])
+        k = min(removed)
+        h, _ = replay_blocks(self.layers, self.inputs[b][k], self.kwargs[b], k + 1, removed)
         return self.head(self.norm(h))
 
     def check(self, removed: Sequence[int]) -> bool:
@@ -113,13 +109,9 @@ class WindowCache:
             return not self.status.startswith("off")
         with torch.no_grad(), without_blocks(self.model, removed):
             ref = self.model(input_ids=self.windows[:self.batch_size].to(model_device(self.model)),
-                             use_cache=False).logits.float()
-        got = self.logits(0, removed).float()
-        err = float((got - ref).abs().max()) if got.shape == ref.shape else float("inf")
-        tol = 1e-4 * (1.0 + float(ref.abs().max()))
-        if not math.isfinite(err) or err > tol:
-            log.warning("perplexity prefix cache off for %s: it differs from the plain forward by %.3g",
-                        type(self.model).__name__, err)
+                             use_cache=False).logits
+        ok, err, tol = replay_matches(self.logits(0, removed), ref, "perplexity prefix cache", self.model)
+        if not ok:
             self.status = f"off: cached logits differ from the plain forward by {err:.3g} > {tol:.3g}"
             self.inputs, self.kwargs = [], []
             return False

@@ -105,6 +105,33 @@ def call_block(block: nn.Module, h: torch.Tensor, kw) -> torch.Tensor:
     return block_output(block(h, *args, **kwargs))
 
 
+def replay_blocks(layers: nn.ModuleList, h: torch.Tensor, kwargs: Sequence, start: int,
+                  skip: Iterable[int] = ()) -> tuple[torch.Tensor, int]:
+    """Run blocks ``start, start + 1, …`` of ``layers`` not in ``skip`` on ``h`` (the recorded input of block
+    ``start``), each with its recorded arguments ``kwargs[j]``: the prefix-cache replay of :class:`RemovalLoss` and
+    the perplexity window cache. Returns the last hidden state and the number of block passes spent."""
+    skip, calls = set(skip), 0
+    for j in range(start, len(layers)):
+        if j not in skip:
+            h = call_block(layers[j], h, kwargs[j])
+            calls += 1
+    return h, calls
+
+
+def replay_matches(got: torch.Tensor, ref: torch.Tensor, what: str, model) -> tuple[bool, float, float]:
+    """Whether replayed logits ``got`` equal a plain forward's ``ref`` (max |Δ| ≤ 1e-4 · (1 + max |ref|), finite);
+    warns naming ``what`` and the model class when they do not. Returns (ok, error, tolerance) — the one check both
+    prefix caches run before they are trusted."""
+    got, ref = got.float(), ref.float()
+    err = float((got - ref).abs().max()) if got.shape == ref.shape else float("inf")
+    tol = 1e-4 * (1.0 + float(ref.abs().max()))
+    ok = math.isfinite(err) and err <= tol
+    if not ok:
+        log.warning("%s off for %s: replaying the blocks differs from the plain forward by %.3g",
+                    what, type(model).__name__, err)
+    return ok, err, tol
+
+
 def _forward(model, b: Batch):
     return model(input_ids=b.ids, attention_mask=b.attention_mask, use_cache=False)
 
@@ -255,18 +282,9 @@ class RemovalLoss:
 
     def _validate(self, logits: torch.Tensor) -> None:
         self._validated = True
-        h = self.inputs[0][0]
-        rset = set(self.removed)
-        for j in range(self.N):
-            if j not in rset:
-                h = call_block(self.layers[j], h, self.kwargs[0][j])
-        replay = self._logits(h).float()
-        ref = logits.float()
-        err = float((replay - ref).abs().max())
-        tol = 1e-4 * (1.0 + float(ref.abs().max()))
-        if not math.isfinite(err) or err > tol:
-            log.warning("prefix cache disabled for %s: replaying the blocks differs from the full forward by %.3g",
-                        type(self.model).__name__, err)
+        h, _ = replay_blocks(self.layers, self.inputs[0][0], self.kwargs[0], 0, self.removed)
+        ok, err, tol = replay_matches(self._logits(h), logits, "prefix cache", self.model)
+        if not ok:
             self.use_cache = False
             self.cache_status = f"off: replay mismatch {err:.3g} > {tol:.3g}"
 
@@ -286,11 +304,8 @@ class RemovalLoss:
             return total / count
         skip = set(self.removed) | {extra}
         for bi, b in enumerate(self.batches):
-            h = self.inputs[bi][extra]
-            for j in range(extra + 1, self.N):
-                if j not in skip:
-                    h = call_block(self.layers[j], h, self.kwargs[bi][j])
-                    self.block_calls += 1
+            h, calls = replay_blocks(self.layers, self.inputs[bi][extra], self.kwargs[bi], extra + 1, skip)
+            self.block_calls += calls
             s, c = _nll_sum_hidden(self.norm(h), self.head, b)
             total, count = total + s, count + c
         return total / count
