@@ -1,14 +1,14 @@
 """Selection cost on the same calibration tokens, side by side in one run (issue 13's cost goal, issue 24's screened
 pair table): the default CBO selection at every M with the screened pair table (the singles, then the pairs among
 the candidate blocks of each M, extended in place) and with the full table (every pair), against SLEB's greedy path
-to the largest M, as the comparison harness runs them (16 × 128 windows of the default mixture — mini-full's; mini's
-is `--samples 8 --rerank-samples 2`; CBO measures its table on the first 12 and re-ranks on the last 4, SLEB uses
-all 16). Prints seconds, measured sets, block passes and head passes
+to the largest M, as the comparison harness runs them (the sizing of `--profile`: mini-full's 16 × 96 windows of the
+default mixture by default — CBO measures its table on the first 12 and re-ranks on the last 4, SLEB uses all 16;
+`--profile mini` is 8 × 80, 6 + 2). Prints seconds, measured sets, block passes and head passes
 (the two costs of every measured removal), the blocks each selects (screened vs full: the same, or the measured KL
 of both on the fit windows), the ratios, and the projected counts of the rule for N = 30, 32 and 80 blocks.
 
-    python benchmarks/bench_selection_cost.py                 # SmolLM2-135M: two CBO runs + SLEB to M = 15 (not timed
-                                                              # yet; the one-CBO version took ≈ 15 min on 2 cores)
+    python benchmarks/bench_selection_cost.py                 # SmolLM2-135M at mini-full's sizing: two CBO runs + SLEB
+    python benchmarks/bench_selection_cost.py --profile mini  # the same at mini's sizing
     python benchmarks/bench_selection_cost.py --model tiny-llama --samples 8 --max-tokens 32 -M 2 3   # seconds
 """
 
@@ -23,6 +23,7 @@ import time
 import torch
 
 from cbo_utils.calibration import load_calibration
+from cbo_utils.core.profiles import load_profile
 from cbo_utils.interactions import divergence_of_sets, load_pair_table, prefix_cache_work, screened_sets
 from cbo_utils.model.blocks import num_blocks
 from cbo_utils.model.load import load_model
@@ -70,15 +71,25 @@ def _cbo_all_M(model, calib, Ms, kw, mode, margin, variant):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--calibration", default="mix", help="calibration spec (default: mix, the default mixture)")
-    ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--rerank-samples", type=int, default=4)
+    ap.add_argument("--profile", default="mini-full",
+                    help="the profile whose comparison sizing is the default (calibration, samples, max_tokens, "
+                         "rerank_samples, screen_margin; default mini-full); the options below override it")
+    ap.add_argument("--calibration", help="calibration spec (default: the profile's, the mixture)")
+    ap.add_argument("--samples", type=int)
+    ap.add_argument("--max-tokens", type=int)
+    ap.add_argument("--rerank-samples", type=int)
     ap.add_argument("-M", "--M", type=int, nargs="+", default=[4, 8, 15])
-    ap.add_argument("--screen-margin", type=int, default=4)
+    ap.add_argument("--screen-margin", type=int)
     ap.add_argument("--variant", default=DEFAULT_VARIANT)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
+    cfg = load_profile(a.profile)
+    c = cfg.get("compare", {})
+    for key, val in (("calibration", cfg.get("calibration", "mix")), ("samples", c.get("samples", 16)),
+                     ("max_tokens", c.get("max_tokens", 96)), ("rerank_samples", c.get("rerank_samples", 4)),
+                     ("screen_margin", c.get("screen_margin", 4))):
+        if getattr(a, key) is None:
+            setattr(a, key, val)
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model)
     model.eval()

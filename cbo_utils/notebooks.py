@@ -250,9 +250,14 @@ def make_graph(profile, results_dir=None) -> str:
     return "\n".join(lines)
 
 
-#: the files of a run folder that make up a committed reference: its tables and reports, not the models, gradients,
-#: states, logs or the reproduction report (which compares the run with the reference it would replace)
-REFERENCE_FILES = ("*.csv", "*.md", "*.json", "hybrid/*.csv", "hybrid/*.json", "hybrid/*.md")
+#: the files of a run folder that make up a committed reference: its tables and reports, and the small per-model
+#: tables the figures are drawn from (the states tables of Figs. 1 and 4 and the gradients' sidecar, which records
+#: N and the block types) — not the models, gradients, Ising files, pair tables, logs or the reproduction report
+#: (which compares the run with the reference it would replace). So ``make reference`` redraws every figure of the
+#: run from the reference alone.
+REFERENCE_FILES = ("*.csv", "*.md", "*.json", "hybrid/*.csv", "hybrid/*.json", "hybrid/*.md",
+                   "*/states_M*.csv", "*/states_M*.csv.json", "*/gradients.safetensors.json",
+                   "*/compare/states_*_M*.csv")
 NOT_REFERENCE = ("reproduction.md", "reproduction.json", "graph.mk")
 
 

@@ -213,14 +213,19 @@ def test_csv_quoting_and_empty_cells(tmp_path):
 
 
 def test_promote_replaces_exactly_the_reference_tables(tmp_path):
-    """make reference: the run's tables and reports become the reference; models, gradients and the reproduction
-    report stay out; the old reference's recorded files go; a file of the user's in the reference refuses it all."""
+    """make reference: the run's tables and reports and the small tables its figures are drawn from become the
+    reference; models, gradients, Ising files, pair tables and the reproduction report stay out; the old
+    reference's recorded files go; a file of the user's in the reference refuses it all."""
     from cbo_utils.notebooks import promote_run
 
     run, ref = tmp_path / "runs" / "mini", tmp_path / "results" / "mini"
     claim_folder(run, "results")
     for rel, text in (("selections.csv", "a,b\n1,2\n"), ("comparison.md", "# c\n"), ("hybrid/hybrid.md", "h\n"),
-                      ("smollm2/gradients.safetensors", "x"), ("reproduction.md", "r\n"), ("graph.mk", "g\n")):
+                      ("smollm2/gradients.safetensors", "x"), ("smollm2/gradients.safetensors.json", "{}"),
+                      ("smollm2/states_M4.csv", "rank\n0\n"), ("smollm2/ising_M4.json", "{}"),
+                      ("smollm2/compare/states_cbo-pairs_M4.csv", "rank\n0\n"),
+                      ("smollm2/compare/pairs_kl_6_screened.safetensors", "x"),
+                      ("reproduction.md", "r\n"), ("graph.mk", "g\n")):
         atomic_write_text(run / rel, text)
     claim_folder(ref, "results")
     atomic_write_text(ref / "old.csv", "old\n")
@@ -231,9 +236,12 @@ def test_promote_replaces_exactly_the_reference_tables(tmp_path):
     assert (ref / "old.csv").is_file()
     user.unlink()
     written = promote_run(run, "mini", reference=ref)
-    assert sorted(p.relative_to(ref).as_posix() for p in written) == ["comparison.md", "hybrid/hybrid.md",
-                                                                       "selections.csv"]
-    assert not (ref / "old.csv").exists() and not (ref / "smollm2").exists() and not (ref / "reproduction.md").exists()
+    assert sorted(p.relative_to(ref).as_posix() for p in written) == [
+        "comparison.md", "hybrid/hybrid.md", "selections.csv", "smollm2/compare/states_cbo-pairs_M4.csv",
+        "smollm2/gradients.safetensors.json", "smollm2/states_M4.csv"]   # what the figures are drawn from
+    assert not (ref / "old.csv").exists() and not (ref / "reproduction.md").exists()
+    assert not (ref / "smollm2" / "gradients.safetensors").exists() and not (ref / "smollm2" / "ising_M4.json").exists()
+    assert not (ref / "smollm2" / "compare" / "pairs_kl_6_screened.safetensors").exists()
     assert (ref / "selections.csv").read_bytes() == (run / "selections.csv").read_bytes()
     assert set(read_manifest(ref)["files"]) >= {"selections.csv", "comparison.md", "hybrid/hybrid.md"}
     with pytest.raises(ValueError, match="already the reference"):
