@@ -286,6 +286,32 @@ def test_draw_all_draws_every_figure_whose_inputs_exist(tmp_path):
     assert first == {p.name: p.read_bytes() for p in made}
 
 
+def test_a_redraw_removes_the_figures_it_no_longer_makes_and_nothing_else(tmp_path, capsys):
+    """A figure an earlier drawing made (recorded, unchanged) that this drawing does not make — here of a model whose
+    states table is gone — is removed; a recorded figure that changed since, and a file cbo never wrote, stay."""
+    res, figs = tmp_path / "results", tmp_path / "figs"
+    for model in ("toy", "old"):
+        (res / model).mkdir(parents=True)
+        states_table().to_csv(res / model / "states_M2.csv", index=False)
+        write_json(res / model / "states_M2.csv.json", {"parameters": {"energy": "fisher"}, "solver_info": {"N": N}})
+    first = {p.name for p in draw_all(res, figs)}
+    assert {"method__old__M2.png", "states_map__old__M2.png", "method__toy__M2.png"} <= first
+    (figs / "states_map__old__M2.png").write_bytes(b"edited by hand")     # changed since cbo wrote it
+    (figs / "mine.png").write_bytes(b"the user's")                         # never cbo's
+    for f in (res / "old").iterdir():
+        f.unlink()
+    (res / "old").rmdir()
+    second = {p.name for p in draw_all(res, figs)}
+    assert second == first - {"method__old__M2.png", "states_map__old__M2.png"}
+    assert not (figs / "method__old__M2.png").exists()                     # recorded, unchanged: removed
+    assert (figs / "states_map__old__M2.png").read_bytes() == b"edited by hand"
+    assert (figs / "mine.png").read_bytes() == b"the user's"
+    assert all((figs / n).is_file() for n in second)
+    assert "removed method__old__M2.png" in capsys.readouterr().out
+    rec = json.loads((figs / ".cbo-manifest.json").read_text())["files"]
+    assert "method__old__M2.png" not in rec and "method__toy__M2.png" in rec
+
+
 def test_a_new_figure_is_one_registry_entry(tmp_path, monkeypatch):
     """register_figure: draw_all draws the new figure from its planner, records its paper item and inputs, and
     reports its skips; the registry is the only list of figures."""

@@ -211,6 +211,29 @@ def unowned_entries(folder: PathLike, man: Mapping[str, Any] | None = None) -> l
     return sorted(set(bad))
 
 
+def remove_recorded(folder: PathLike, rels: Iterable[str]) -> list[str]:
+    """Delete the files ``rels`` (paths relative to the cbo-owned ``folder``) that its manifest lists and that are
+    unchanged since cbo wrote them, and drop them from the record; a file it does not list, or one that changed, is
+    kept. Returns the removed paths (sorted). For outputs a later run no longer makes (a figure of a model that is
+    gone), never for anything the record does not account for."""
+    folder = Path(folder)
+    removed = []
+    with _manifest_lock(folder):
+        man = read_manifest(folder)
+        if man is None:
+            return []
+        for rel in sorted(set(rels)):
+            entry = man["files"].get(rel)
+            p = folder / rel
+            if entry is not None and _matches(p, entry):
+                p.unlink()
+                del man["files"][rel]
+                removed.append(rel)
+        if removed:
+            _write_manifest(folder, man)
+    return removed
+
+
 def remove_owned(folder: PathLike, strict: bool = True) -> list[str]:
     """Delete exactly the files of ``folder`` that its manifest lists, the folders that become empty, the manifest,
     and ``folder`` itself when it is empty then. ``strict``: only when nothing else is there (else

@@ -59,6 +59,8 @@ from cbo_utils.core.artifacts import (  # noqa: E402
     parse_blocks,
     portable_path,
     read_json,
+    read_manifest,
+    remove_recorded,
     write_json,
 )
 from cbo_utils.core.profiles import load_profile
@@ -892,6 +894,10 @@ def draw_all(results_dir: Any, figures_dir: Any, profile: str | None = None) -> 
                                             if p.is_file()}}
     for s in skipped:
         print(f"[figures] skipped {s['figure']}: {s['reason']}")
+    earlier = (read_manifest(out) or {}).get("files", {})
+    stale = [rel for rel in earlier if rel.endswith(".png") and "/" not in rel and rel not in made]
+    for rel in remove_recorded(out, stale):   # an earlier drawing's figure this one does not make (e.g. of a model
+        print(f"[figures] removed {rel}: an earlier drawing's, not made from these results")   # that is gone)
     write_json(out / "figures.json", {"results": portable_path(results), "profile": profile, "figures": made,
                                       "skipped": skipped})
     return sorted(out / n for n in made)
