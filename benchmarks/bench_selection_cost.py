@@ -31,7 +31,7 @@ from cbo_utils.select.cbo import DEFAULT_VARIANT, pair_table_file
 from cbo_utils.select.methods import run_method
 
 #: the projection: block counts and the M values to project (Llama-3.1-8B has 32 blocks, Llama-3.3-70B 80)
-PROJECTION = {30: (4, 8, 15), 32: (4, 8, 12), 80: (8, 16, 24, 32)}
+PROJECTION = {30: (4, 8, 15), 32: (4, 8, 12, 16), 80: (8, 16, 24, 32, 40)}
 
 
 def screened_work(N: int, M: int, margin: int = 4, where: str = "first") -> tuple[int, int, int]:
