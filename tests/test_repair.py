@@ -41,14 +41,15 @@ def test_ridge_solve_matches_the_normal_equations(diagonal):
     np.testing.assert_allclose(T, ref, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("fit", ["lstsq", "diag", "cosine"])
+@pytest.mark.parametrize("fit", ["lstsq", "diag", "cosine", "kl"])
 def test_fused_model_equals_the_hooked_unfused_one(fit):
     """The repaired checkpoint (maps fused into the down projections, blocks removed) computes what the plain
     pruned model computes with every map applied to its block's MLP output by a hook."""
     model, tok = build_tiny("tiny-llama", num_layers=8)
     calib = _calib(tok)
     removed = [2, 3, 6]
-    rep, records, maps = rp.repair(model, removed, calib, fit=fit, options={"steps": 20} if fit == "cosine" else None)
+    opts = {"steps": 5 if fit == "kl" else 20} if fit in ("cosine", "kl") else None
+    rep, records, maps = rp.repair(model, removed, calib, fit=fit, options=opts)
     assert [r.run for r in records] == [[2, 3], [6]] and all(r.repaired for r in records)
     assert sorted(maps) == [1, 5] and len(rep.model.layers) == 5
     ids = torch.randint(3, len(tok), (2, 16), generator=torch.Generator().manual_seed(1))
@@ -104,3 +105,25 @@ def test_the_original_model_is_untouched():
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert len(model.model.layers) == 6
+
+
+def test_the_output_fit_keeps_its_best_held_out_kl_and_reports_it_right():
+    """fit = kl: the held-out KL it reports for its map is the KL(dense ‖ repaired) recomputed on the held-out windows
+    from the saved model, and never above the least-squares start's."""
+    from cbo_utils.model.loss import make_batches
+    from cbo_utils.prune.distill import kd_loss
+
+    model, tok = build_tiny("tiny-llama", num_layers=6)
+    calib = _calib(tok, n=8)
+    rep, records, _ = rp.repair(model, [3], calib, fit="kl", heldout=0.25, options={"steps": 10, "lr": 1e-2})
+    info = records[0].info
+    assert info["heldout_kl"] <= info["heldout_kl_start"] + 1e-12
+    held = make_batches(model, CalibrationSet(list(calib)[6:], {}), 8)
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for b in held:
+            t = model(input_ids=b.ids, attention_mask=b.attention_mask).logits.half().float()
+            s = rep(input_ids=b.ids, attention_mask=b.attention_mask).logits
+            tot += float(kd_loss(s, t, b.valid, reduction="sum"))
+            n += int(b.valid.sum())
+    assert tot / n == pytest.approx(info["heldout_kl"], rel=1e-4, abs=1e-7)

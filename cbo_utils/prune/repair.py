@@ -14,7 +14,8 @@ has no single down projection — MoE experts — is not fused here). Nothing is
 
 Fits (:data:`FITS`, each a registered option): ``lstsq`` (least squares with a ridge chosen on held-out
 calibration windows), ``diag`` (a diagonal T, the same ridge rule), ``cosine`` (gradient descent on the mean cosine
-distance, started from the least-squares map).
+distance, started from the least-squares map), ``kl`` (gradient descent on T alone against the model's own output:
+the KL to the dense model, from the least-squares map; every other weight stays as it is).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import nn
 
 from cbo_utils.model.blocks import check_removal, get_adapter, remove_blocks, without_blocks
 from cbo_utils.model.loss import block_output, forward_blocks, make_batches
+from cbo_utils.prune.distill import kd_loss
 
 #: the ridge grid, as fractions of the mean diagonal of XᵀX; the held-out windows pick one
 RIDGES = (0.0, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -197,9 +199,102 @@ def fit_cosine(fit: Activations, held: Activations, steps: int = 200, lr: float 
                               "heldout_cosine_distance": best[0]}
 
 
+@dataclass
+class FitContext:
+    """What a fit against the model's own output needs beyond the activations: the model being repaired (``work``,
+    original numbering, earlier runs' maps fused), the dense teacher, the block ``p``, the blocks out so far
+    including this run (``out``), the calibration batches and which windows are held out."""
+
+    work: nn.Module
+    dense: nn.Module
+    p: int
+    out: list[int]
+    batches: list
+    heldout: list[int]
+
+
+def _logits_kl(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, int]:
+    """Σ KL(teacher ‖ student) over the valid tokens of the rows ``rows`` (None: all) and their count."""
+    m = valid if rows is None else valid & rows.unsqueeze(1)
+    n = int(m.sum())
+    if n == 0:
+        return student.sum() * 0, 0
+    return kd_loss(student, teacher, m, reduction="sum"), n
+
+
+def fit_kl(fit: Activations, held: Activations, *, context: FitContext, steps: int = 100, lr: float = 1e-4,
+           ridges: Sequence[float] = RIDGES, **_) -> tuple[torch.Tensor, dict]:
+    """Fit T against the model's own output: from the least-squares map, Adam on T alone (every weight frozen) to
+    minimise the per-token KL(dense ‖ repaired model) on the fit windows, with this run and the earlier ones
+    removed (later runs not yet); the step of lowest held-out KL is kept (step 0 = the least-squares map)."""
+    lam, T0 = _choose_ridge(fit, held, diagonal=False, ridges=ridges)
+    c = context
+    branch, _ = branch_projection(c.work, c.p)
+    T = T0.float().clone().requires_grad_(True)
+    opt = torch.optim.Adam([T], lr=lr)
+    held_set = torch.as_tensor(c.heldout, dtype=torch.long)
+    teacher, rows = [], []
+    start = 0
+    with torch.no_grad():
+        for b in c.batches:
+            teacher.append(c.dense(input_ids=b.ids, attention_mask=b.attention_mask, use_cache=False).logits.half())
+            idx = torch.arange(start, start + b.ids.shape[0])
+            rows.append(torch.isin(idx, held_set))
+            start += b.ids.shape[0]
+
+    def hook(module, args, output):
+        y = block_output(output)
+        z = y @ T.to(y.dtype)
+        return (z, *output[1:]) if isinstance(output, tuple) else z
+
+    frozen = [(q, q.requires_grad) for q in c.work.parameters()]
+    for q, _ in frozen:
+        q.requires_grad_(False)
+    h = branch.register_forward_hook(hook)
+    history = []
+    try:
+        with without_blocks(c.work, c.out):
+            def held_kl() -> float:
+                tot, n = 0.0, 0
+                with torch.no_grad():
+                    for b, t, r in zip(c.batches, teacher, rows, strict=True):
+                        if r.any() or not c.heldout:   # no held-out windows: the fit windows themselves
+                            out = c.work(input_ids=b.ids, attention_mask=b.attention_mask, use_cache=False).logits
+                            k, m = _logits_kl(out, t.float(), b.valid, r if c.heldout else None)
+                            tot, n = tot + float(k), n + m
+                return tot / max(n, 1)
+
+            best = (held_kl(), T.detach().clone(), 0)
+            history.append(best[0])
+            for step in range(1, steps + 1):
+                opt.zero_grad()
+                tot, n = None, 0
+                for b, t, r in zip(c.batches, teacher, rows, strict=True):
+                    fit_rows = ~r if c.heldout else None
+                    if fit_rows is not None and not fit_rows.any():
+                        continue
+                    out = c.work(input_ids=b.ids, attention_mask=b.attention_mask, use_cache=False).logits
+                    k, m = _logits_kl(out, t.float(), b.valid, fit_rows)
+                    tot, n = (k if tot is None else tot + k), n + m
+                (tot / max(n, 1)).backward()
+                opt.step()
+                if step % max(1, steps // 10) == 0 or step == steps:
+                    v = held_kl()
+                    history.append(v)
+                    if v < best[0]:
+                        best = (v, T.detach().clone(), step)
+    finally:
+        h.remove()
+        for q, g in frozen:
+            q.requires_grad_(g)
+    return best[1].double(), {"ridge": lam, "steps": steps, "lr": lr, "best_step": best[2],
+                              "heldout_kl": best[0], "heldout_kl_start": history[0]}
+
+
 #: fitting variant → ``fit(fit_activations, heldout_activations, **options) -> (T, info)``
 FITS: dict[str, Callable[..., tuple[torch.Tensor, dict]]] = {"lstsq": fit_lstsq, "diag": fit_diag,
-                                                              "cosine": fit_cosine}
+                                                              "cosine": fit_cosine, "kl": fit_kl}
 
 
 def register_fit(name: str, fn: Callable[..., tuple[torch.Tensor, dict]]) -> None:
@@ -294,7 +389,8 @@ def repair(model: nn.Module, removed: Iterable[int], calibration, *, fit: str = 
             continue
         acts = collect(work, dense, p, run[-1], batches, gone)
         fit_a, held_a = acts.split(held_idx) if n_held else (acts, acts)
-        T, info = FITS[fit](fit_a, held_a, **(options or {}))
+        ctx = FitContext(work, dense, p, gone + run, batches, held_idx)
+        T, info = FITS[fit](fit_a, held_a, context=ctx, **(options or {}))
         rec.tokens, rec.info = int(acts.y.shape[0]), info
         rec.mse_before, rec.mse_after = mse(fit_a, None), mse(fit_a, T)
         rec.heldout_mse_before, rec.heldout_mse_after = mse(held_a, None), mse(held_a, T)
