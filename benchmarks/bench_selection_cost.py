@@ -119,7 +119,8 @@ def main(argv=None) -> int:
                   f"{note} |")
     for s, step in enumerate(path.meta["step_seconds"]):
         if s + 1 in Ms:
-            print(f"| SLEB to M = {s + 1} (its path) | {step:.1f} | {' '.join(map(str, path.removed[:s + 1]))} | |")
+            prefix = " ".join(map(str, sorted(path.order[:s + 1])))   # the path's first s + 1 steps
+            print(f"| SLEB to M = {s + 1} (its path) | {step:.1f} | {prefix} | |")
 
     print("\n| cost (all M) | seconds | measured sets | block passes | head passes |\n|---|---|---|---|---|")
     fit = calib.samples[:n_fit]

@@ -34,11 +34,13 @@ def test_ridge_solve_matches_the_normal_equations(diagonal):
     T = rp.solve_ridge(torch.tensor(y), torch.tensor(d), lam, diagonal=diagonal).numpy()
     G = y.T @ y
     L = lam * np.mean(np.diag(G))
-    if diagonal:
-        ref = (y * d).sum(0) / ((y * y).sum(0) + L)
-    else:
-        ref = np.linalg.solve(G + L * np.eye(6), y.T @ d)
+    if diagonal:   # argmin over t of Σ_j ‖y_j t_j − d_j‖² + L (t_j − 1)²
+        ref = ((y * d).sum(0) + L) / ((y * y).sum(0) + L)
+    else:          # argmin over T of ‖y T − d‖² + L ‖T − I‖²: (G + L I) T = yᵀd + L I
+        ref = np.linalg.solve(G + L * np.eye(6), y.T @ d + L * np.eye(6))
     np.testing.assert_allclose(T, ref, rtol=1e-10, atol=1e-12)
+    big = rp.solve_ridge(torch.tensor(y), torch.tensor(d), 1e12, diagonal=diagonal).numpy()
+    np.testing.assert_allclose(big, np.ones(6) if diagonal else np.eye(6), atol=1e-8)   # λ → ∞: plain removal
 
 
 @pytest.mark.parametrize("fit", ["lstsq", "diag", "cosine", "kl"])

@@ -12,8 +12,8 @@ model is a plain checkpoint of the same architecture and cost. Where that is not
 reason (a run that starts at block 0 has no block before it; a branch that ends in a norm — Gemma 2/3, OLMo 2 — or
 has no single down projection — MoE experts — is not fused here). Nothing is approximated silently.
 
-Fits (:data:`FITS`, each a registered option): ``lstsq`` (least squares with a ridge chosen on held-out
-calibration windows), ``diag`` (a diagonal T, the same ridge rule), ``cosine`` (gradient descent on the mean cosine
+Fits (:data:`FITS`, each a registered option): ``lstsq`` (least squares with a ridge towards T = I — plain
+removal — chosen on held-out calibration windows), ``diag`` (a diagonal T, the same ridge rule), ``cosine`` (gradient descent on the mean cosine
 distance, started from the least-squares map), ``kl`` (gradient descent on T alone against the model's own output:
 the KL to the dense model, from the least-squares map; every other weight stays as it is).
 """
@@ -33,8 +33,8 @@ from cbo_utils.model.blocks import check_removal, get_adapter, remove_blocks, wi
 from cbo_utils.model.loss import block_output, forward_blocks, make_batches
 from cbo_utils.prune.distill import kd_loss
 
-#: the ridge grid, as fractions of the mean diagonal of XᵀX; the held-out windows pick one
-RIDGES = (0.0, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+#: the ridge grid (towards T = I), as multiples of the mean diagonal of yᵀy; the held-out windows pick one
+RIDGES = (0.0, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
 class RepairError(ValueError):
@@ -137,16 +137,18 @@ def mse(a: Activations, T: torch.Tensor | None) -> float:
 
 
 def solve_ridge(y: torch.Tensor, d: torch.Tensor, ridge: float, diagonal: bool = False) -> torch.Tensor:
-    """argmin_T ‖y T − d‖² + λ‖T‖² with λ = ``ridge`` · mean diag(yᵀy), in float64 (diagonal: T = diag(t))."""
+    """argmin_T ‖y T − d‖² + λ‖T − I‖² with λ = ``ridge`` · mean diag(yᵀy), in float64 (diagonal: T = diag(t),
+    the vector t returned). The ridge pulls towards the identity — plain removal, the map that changes nothing — so a
+    large λ means "do not repair", not "drop the branch"."""
     y, d = y.double(), d.double()
     if diagonal:
         g = (y * y).sum(0)
         lam = ridge * float(g.mean())
-        return (y * d).sum(0) / (g + lam).clamp_min(1e-300)
+        return 1 + (y * (d - y)).sum(0) / (g + lam).clamp_min(1e-300)
     G = y.T @ y
     lam = ridge * float(torch.diagonal(G).mean())
-    A = G + lam * torch.eye(G.shape[0], dtype=G.dtype)
-    return torch.linalg.lstsq(A, y.T @ d).solution
+    eye = torch.eye(G.shape[0], dtype=G.dtype)
+    return eye + torch.linalg.lstsq(G + lam * eye, y.T @ (d - y)).solution
 
 
 def _choose_ridge(fit: Activations, held: Activations, diagonal: bool, ridges: Sequence[float] = RIDGES
