@@ -13,9 +13,10 @@ reason (a run that starts at block 0 has no block before it; a branch that ends 
 has no single down projection — MoE experts — is not fused here). Nothing is approximated silently.
 
 Fits (:data:`FITS`, each a registered option): ``lstsq`` (least squares with a ridge towards T = I — plain
-removal — chosen on held-out calibration windows), ``diag`` (a diagonal T, the same ridge rule), ``cosine`` (gradient descent on the mean cosine
-distance, started from the least-squares map), ``kl`` (gradient descent on T alone against the model's own output:
-the KL to the dense model, from the least-squares map; every other weight stays as it is).
+removal — chosen on held-out calibration windows), ``diag`` (a diagonal T, the same ridge rule), ``cosine``
+(gradient descent on the mean cosine distance, started from the least-squares map), ``kl`` (gradient descent on T
+alone against the model's own output: the KL to the dense model, from the least-squares map; every other weight
+stays as it is).
 """
 
 from __future__ import annotations
