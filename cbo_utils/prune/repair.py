@@ -25,7 +25,6 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -407,7 +406,3 @@ def repair(model: nn.Module, removed: Iterable[int], calibration, *, fit: str = 
     work.config.cbo_repair = [asdict(r) for r in records]
     return work, records, maps
 
-
-def repair_summary(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
-    """The records as plain dicts (for ``removed_blocks.json`` and the model card)."""
-    return [asdict(r) for r in records]
